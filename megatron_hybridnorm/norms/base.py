@@ -1,0 +1,42 @@
+"""The parameters every norm here owns, in Megatron's layout: ``weight`` and, for LayerNorm, ``bias``."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from .functional import normalize
+
+NORMALIZATIONS = ("RMSNorm", "LayerNorm")
+
+
+class NormBase(torch.nn.Module):
+    def __init__(self, config: TransformerConfig, width: int, eps: float):
+        super().__init__()
+        if config.normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"normalization={config.normalization!r} is not supported by megatron-hybridnorm; "
+                f"set TransformerConfig.normalization to one of {NORMALIZATIONS}"
+            )
+        self.kind = config.normalization
+        self.eps = eps
+        self.zero_centered_gamma = config.layernorm_zero_centered_gamma
+        init = torch.zeros if self.zero_centered_gamma else torch.ones
+        self.weight = torch.nn.Parameter(init(width))
+        if self.kind == "LayerNorm":
+            self.bias = torch.nn.Parameter(torch.zeros(width))
+        else:
+            self.register_parameter("bias", None)
+
+    def _normalize(self, x: torch.Tensor, weight=None, bias=None) -> torch.Tensor:
+        return normalize(
+            x,
+            self.weight if weight is None else weight,
+            self.bias if bias is None else bias,
+            self.eps,
+            self.kind,
+            self.zero_centered_gamma,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}({self.weight.shape[0]}, eps={self.eps})"

@@ -1,0 +1,154 @@
+"""Layer and block specs for Megatron-Core, built from the scheme tables in ``schemes.py``."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.backends import LocalSpecProvider
+from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_backend
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.enums import AttnMaskType, LayerType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from .attention import QKVNormSelfAttention, QKVNormSelfAttentionSubmodules
+from .core_attention import SDPAttention
+from .layer import HybridTransformerLayer, HybridTransformerLayerSubmodules
+from .norms import FullWidthNorm, HeadNorm, Norm, PostNorm
+from .schemes import LayerNorms, get_scheme
+from .validate import check_config, check_options
+
+
+def _head_norms(qkv_norm: str):
+    """Builders for the q norm and the k/v norms."""
+    if qkv_norm == "full":
+        return partial(FullWidthNorm, spans="query"), partial(FullWidthNorm, spans="kv")
+    return HeadNorm, HeadNorm
+
+
+def get_layer_spec(
+    scheme: str | LayerNorms,
+    *,
+    first_block: bool = False,
+    qkv_norm: str = "head",
+    num_experts: int | None = None,
+    moe_grouped_gemm: bool = False,
+) -> ModuleSpec:
+    """One layer's spec. ``scheme`` is a scheme name or a ``LayerNorms`` layout.
+
+    ``first_block`` picks the scheme's layout for its first layers (HybridNorm*'s block 0,
+    Mix-LN's Post-Norm layers).
+    """
+    if isinstance(scheme, LayerNorms):
+        lay = scheme
+    else:
+        s = get_scheme(scheme)
+        lay = s.head if first_block and s.head is not None else s.body
+    q_norm, kv_norm = _head_norms(qkv_norm)
+    mlp = get_mlp_module_spec_for_backend(
+        backend=LocalSpecProvider(), num_experts=num_experts, moe_grouped_gemm=moe_grouped_gemm
+    )
+    pre_mlp = (PostNorm if lay.pre_mlp_is_residual else Norm) if lay.pre_mlp else IdentityOp
+    keys_map = {}
+    # Megatron stores local pre-norms under the names the TE fused linears give them, so that
+    # local and TE checkpoints interchange; do the same where a TE spec would fuse the norm.
+    if lay.input:
+        keys_map["input_layernorm."] = "self_attention.linear_qkv.layer_norm_"
+    if lay.pre_mlp and not lay.pre_mlp_is_residual and num_experts is None:
+        keys_map["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
+    return ModuleSpec(
+        module=HybridTransformerLayer,
+        submodules=HybridTransformerLayerSubmodules(
+            input_layernorm=Norm if lay.input else IdentityOp,
+            self_attention=ModuleSpec(
+                module=QKVNormSelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=QKVNormSelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=SDPAttention,
+                    linear_proj=RowParallelLinear,
+                    q_layernorm=q_norm if lay.q else None,
+                    k_layernorm=kv_norm if lay.k else None,
+                    v_layernorm=kv_norm if lay.v else None,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=pre_mlp,
+            mlp=mlp,
+            mlp_bda=get_bias_dropout_add,
+            post_mlp_layernorm=Norm if lay.post_mlp else IdentityOp,
+            sharded_state_dict_keys_map=keys_map,
+        ),
+    )
+
+
+def _moe_pattern(config: TransformerConfig) -> list[bool]:
+    if not config.num_moe_experts:
+        return [False] * config.num_layers
+    freq = config.moe_layer_freq
+    if isinstance(freq, int):
+        return [i % freq == 0 for i in range(config.num_layers)]
+    if len(freq) != config.num_layers:
+        raise ValueError(
+            f"moe_layer_freq has {len(freq)} entries for num_layers={config.num_layers}"
+        )
+    return [bool(f) for f in freq]
+
+
+def stage_layer_ids(
+    config: TransformerConfig, vp_stage: int | None = None, pp_rank: int | None = None
+) -> list[int]:
+    """The global (0-based) layer ids built on this pipeline stage, as Megatron assigns them."""
+    if config.pipeline_model_parallel_layout is not None:
+        return list(
+            config.pipeline_model_parallel_layout.get_layer_id_list(
+                layer_type=LayerType.decoder, vp_stage=vp_stage, pp_rank=pp_rank
+            )
+        )
+    n = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return list(range(offset, offset + n))
+
+
+def get_decoder_block_spec(
+    config: TransformerConfig,
+    scheme: str,
+    *,
+    use_transformer_engine: bool = False,
+    vp_stage: int | None = None,
+    pp_rank: int | None = None,
+    **options,
+) -> TransformerBlockSubmodules:
+    """The decoder block of this pipeline stage for ``scheme``: pass it to ``GPTModel`` as
+    ``transformer_layer_spec``.
+
+    Options: ``qkv_norm`` ("head", the paper's per-head norms, or "full": over all heads, exact
+    at any TP size) for schemes with Q/K/V norms; ``mixln_fraction`` (0.25) for Mix-LN.
+    """
+    s = get_scheme(scheme)
+    opts = check_options(s, options)
+    layouts = s.layouts(config.num_layers, opts.get("mixln_fraction"))
+    check_config(config, s, layouts, opts, use_transformer_engine)
+    moe = _moe_pattern(config)
+    specs = {}
+
+    def spec_for(layer_id: int) -> ModuleSpec:
+        key = (layouts[layer_id], moe[layer_id])
+        if key not in specs:
+            specs[key] = get_layer_spec(
+                layouts[layer_id],
+                qkv_norm=opts["qkv_norm"],
+                num_experts=config.num_moe_experts if moe[layer_id] else None,
+                moe_grouped_gemm=config.moe_grouped_gemm,
+            )
+        return specs[key]
+
+    ids = stage_layer_ids(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[spec_for(i) for i in ids], layer_norm=Norm)

@@ -1,0 +1,132 @@
+"""Make megatron-core's local (non-TE) modules run on a CPU-only torch.
+
+megatron-core assumes CUDA in a handful of places: buffers allocated on
+``torch.cuda.current_device()``, the CUDA RNG tracker, ``torch.cuda.current_stream()`` in DDP,
+``torch.cuda.synchronize()`` and ``device="cuda"`` literals in the optimizer, schedules and
+buffers. On a
+machine without a GPU, ``use_cpu()`` points each of these at the CPU. It does nothing where CUDA
+is available. It is for tests and CPU demos, not for production runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_PATCHED = False
+
+
+class _CpuStream:
+    """Stands in for a CUDA stream: CPU work is already ordered."""
+
+    def wait_event(self, event):
+        pass
+
+    def wait_stream(self, stream):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def record_event(self, event=None):
+        return _CpuEvent()
+
+
+class _CpuEvent:
+    def record(self, stream=None):
+        pass
+
+    def wait(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+
+_FACTORIES = (
+    "zeros", "ones", "empty", "full", "tensor", "as_tensor", "arange", "rand", "randn",
+    "randint", "zeros_like", "ones_like", "empty_like", "full_like",
+)
+
+
+def _on_cpu(factory):
+    """Wrap a tensor factory so that ``device="cuda"`` (or a CUDA index) lands on the CPU."""
+
+    def wrapped(*args, **kwargs):
+        device = kwargs.get("device")
+        if device is not None and (isinstance(device, int) or str(device).startswith("cuda")):
+            kwargs["device"] = "cpu"
+        return factory(*args, **kwargs)
+
+    wrapped.__wrapped__ = factory
+    return wrapped
+
+
+def _clip_grads(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """Scale gradients by min(1, max_norm / total_norm), as Megatron's clip does on CUDA."""
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr, None) for p in parameters]
+    coeff = max_norm / (total_norm + 1.0e-6)
+    if isinstance(coeff, torch.Tensor):
+        coeff = coeff.clamp_max(1.0)
+    elif coeff >= 1.0:
+        return
+    for g in grads:
+        if g is not None:
+            g.mul_(coeff)
+
+
+def use_cpu() -> bool:
+    """Patch megatron-core's CUDA assumptions when there is no GPU. Returns True if patched."""
+    global _PATCHED
+    if torch.cuda.is_available():
+        return False
+    if _PATCHED:
+        return True
+
+    cpu_rng = torch.random
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.current_stream = lambda device=None: _CpuStream()
+    torch.cuda.default_stream = lambda device=None: _CpuStream()
+    torch.cuda.Stream = lambda *a, **k: _CpuStream()
+    torch.cuda.Event = lambda *a, **k: _CpuEvent()
+    torch.cuda.synchronize = lambda device=None: None
+    torch.cuda.get_rng_state = lambda device="cuda": cpu_rng.get_rng_state()
+    torch.cuda.set_rng_state = lambda state, device="cuda": cpu_rng.set_rng_state(state)
+    torch.cuda.manual_seed = lambda seed: None
+    torch.cuda.manual_seed_all = lambda seed: None
+
+    from megatron.core.tensor_parallel import random as mrandom
+
+    # The tracker keeps separate "CUDA" streams of randomness per model-parallel rank. On the
+    # CPU they share torch's CPU generator: fork() saves and restores it around each use.
+    mrandom._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: (
+        cpu_rng.get_rng_state()
+    )
+    mrandom._set_cuda_rng_state = lambda state, device=-1, graph_safe=False: cpu_rng.set_rng_state(
+        state
+    )
+
+    def _add(self, name, seed):
+        if name in self.states_:
+            raise Exception(f"cuda rng state {name} already exists")
+        orig = cpu_rng.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = cpu_rng.get_rng_state()
+        cpu_rng.set_rng_state(orig)
+        self.seeds_.add(seed)
+
+    mrandom.CudaRNGStatesTracker.add = _add
+
+    # megatron-core writes device="cuda" literally in its optimizer, schedules, buffers, ...
+    for name in _FACTORIES:
+        setattr(torch, name, _on_cpu(getattr(torch, name)))
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    # Gradient clipping asserts CUDA tensors before scaling them.
+    from megatron.core.optimizer import optimizer as moptimizer
+
+    moptimizer.clip_grad_by_total_norm_fp32 = _clip_grads
+    _PATCHED = True
+    return True

@@ -1,0 +1,98 @@
+"""Spec-build-time checks: a config that contradicts the scheme fails here, naming the fix."""
+
+from __future__ import annotations
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from .norms.base import NORMALIZATIONS
+from .schemes import LayerNorms, Scheme
+
+QKV_NORMS = ("head", "full")
+
+
+class SchemeConfigError(ValueError):
+    """The TransformerConfig and the chosen norm scheme cannot work together."""
+
+
+def check_options(scheme: Scheme, options: dict) -> dict:
+    """Resolve a scheme's options; an option the scheme does not use is an error."""
+    known = {"qkv_norm": "head"}
+    if scheme.head_fraction is not None:
+        known["mixln_fraction"] = scheme.head_fraction
+    unknown = set(options) - set(known)
+    if unknown:
+        raise SchemeConfigError(
+            f"scheme {scheme.name!r} takes the options {sorted(known)}; "
+            f"got unknown {sorted(unknown)}"
+        )
+    resolved = {**known, **options}
+    if resolved["qkv_norm"] not in QKV_NORMS:
+        raise SchemeConfigError(f"qkv_norm must be one of {QKV_NORMS}, got {resolved['qkv_norm']!r}")
+    if "mixln_fraction" in resolved and not 0.0 <= resolved["mixln_fraction"] <= 1.0:
+        raise SchemeConfigError(
+            f"mixln_fraction must lie in [0, 1], got {resolved['mixln_fraction']}"
+        )
+    return resolved
+
+
+def check_config(
+    config: TransformerConfig,
+    scheme: Scheme,
+    layouts: list[LayerNorms],
+    options: dict,
+    use_transformer_engine: bool,
+) -> None:
+    def fail(msg: str):
+        raise SchemeConfigError(f"norm scheme {scheme.name!r}: {msg}")
+
+    has_head_norms = any(lay.has_head_norms for lay in layouts)
+    norm_is_residual = any(lay.pre_mlp_is_residual for lay in layouts)
+
+    if config.normalization not in NORMALIZATIONS:
+        fail(f"normalization={config.normalization!r}; set it to one of {NORMALIZATIONS}")
+    if config.multi_latent_attention:
+        fail("multi-latent attention is not supported; set multi_latent_attention=False")
+    if getattr(config, "experimental_attention_variant", None) is not None:
+        fail("experimental_attention_variant is not supported; leave it None")
+    if config.qk_l2_norm:
+        fail(
+            "qk_l2_norm replaces the Q/K norms with a weightless L2 norm; unset it "
+            "(the scheme places its own norms)"
+        )
+    if config.qk_layernorm and not any(lay.q and lay.k for lay in layouts):
+        fail("qk_layernorm=True asks for Q/K norms this scheme does not have; "
+             "use scheme 'prenorm_qknorm', or unset qk_layernorm")
+    if has_head_norms and getattr(config, "fused_single_qkv_rope", False):
+        fail("fused_single_qkv_rope applies RoPE to the unsplit QKV, before the Q/K/V norms "
+             "can run; unset fused_single_qkv_rope")
+    if (
+        norm_is_residual
+        and config.recompute_granularity == "selective"
+        and "layernorm" in (config.recompute_modules or [])
+    ):
+        fail('recompute_modules contains "layernorm", but this scheme\'s pre_mlp_layernorm output '
+             "is also the residual, which that recompute frees; remove \"layernorm\" from "
+             "recompute_modules (--recompute-modules)")
+    if config.memory_efficient_layer_norm:
+        fail("memory_efficient_layer_norm is an Apex option these norms do not implement; unset it")
+    tp = config.tensor_model_parallel_size
+    if config.num_attention_heads % tp:
+        fail(f"num_attention_heads={config.num_attention_heads} is not divisible by "
+             f"tensor_model_parallel_size={tp}")
+    groups = config.num_query_groups or config.num_attention_heads
+    if groups % tp and tp % groups:
+        fail(f"num_query_groups={groups} and tensor_model_parallel_size={tp}: one must divide "
+             "the other")
+    if options["qkv_norm"] == "full" and has_head_norms and groups % tp:
+        fail(f'qkv_norm="full" normalizes each rank\'s KV heads together, but '
+             f"tensor_model_parallel_size={tp} > num_query_groups={groups} replicates KV heads; "
+             f'use TP <= {groups} (dividing it) or qkv_norm="head"')
+    if use_transformer_engine:
+        fail("the Transformer Engine backend is not available in this version; build with "
+             "use_transformer_engine=False")
+    from .core_attention import check_sdpa_config
+
+    try:
+        check_sdpa_config(config)
+    except ValueError as e:
+        fail(str(e))

@@ -1,0 +1,118 @@
+"""Every scheme's GPTModel against the independent float64 reference: logits and every gradient."""
+
+import pytest
+import torch
+
+import megatron_hybridnorm as mh
+from helpers import batch, build_gpt, randomize_norms, rel_err, tiny_config
+import reference
+
+TOL = 1e-5
+
+
+def compare_to_reference(model, scheme, config, ref_scheme=None, **ref_options):
+    """Max relative error of Megatron (fp32) against the fp64 reference, over logits, loss and
+    the gradient of every parameter. Returns (worst error, {name: error})."""
+    tokens, labels, pos = batch()
+    model.zero_grad()
+    logits = model(tokens, pos, None)
+    loss = model(tokens, pos, None, labels=labels)
+    loss.sum().backward()
+
+    params = {n: p.detach().double().clone().requires_grad_(True) for n, p in model.named_parameters()}
+    rcfg = reference.RefConfig(
+        hidden=config.hidden_size,
+        heads=config.num_attention_heads,
+        groups=config.num_query_groups,
+        layers=config.num_layers,
+        ffn=config.ffn_hidden_size,
+        eps=config.layernorm_epsilon,
+        rope_base=500000,
+        normalization=config.normalization,
+        zero_centered=config.layernorm_zero_centered_gamma,
+        **ref_options,
+    )
+    ref_logits, ref_loss = reference.forward(ref_scheme or scheme, tokens, labels, params, rcfg)
+    ref_loss.sum().backward()
+
+    errs = {"logits": rel_err(logits, ref_logits), "loss": rel_err(loss, ref_loss)}
+    for n, p in model.named_parameters():
+        ref_grad = params[n].grad  # None: the reference's equations never use this parameter
+        errs[n] = float("inf") if ref_grad is None else rel_err(p.grad, ref_grad)
+    return max(errs.values()), errs
+
+
+CASES = [(s, "head", "RMSNorm") for s in mh.SCHEMES] + [
+    ("hybridnorm", "full", "RMSNorm"),
+    ("hybridnorm_star", "full", "RMSNorm"),
+    ("hybridnorm", "head", "LayerNorm"),
+    ("postnorm", "head", "LayerNorm"),
+]
+
+
+@pytest.mark.parametrize("scheme,qkv_norm,normalization", CASES)
+def test_matches_reference(megatron_single_rank, scheme, qkv_norm, normalization):
+    torch.manual_seed(0)
+    config = tiny_config(normalization=normalization)
+    options = {"qkv_norm": qkv_norm} if qkv_norm != "head" else {}
+    model = build_gpt(config, scheme, **options)
+    randomize_norms(model)
+    worst, errs = compare_to_reference(model, scheme, config, qkv_norm=qkv_norm)
+    assert worst < TOL, {k: v for k, v in errs.items() if v >= TOL}
+    # the comparison covered every parameter, norms included
+    assert any("v_layernorm" in k for k in errs) == (scheme.startswith("hybridnorm"))
+
+
+def test_zero_centered_gamma_matches_reference(megatron_single_rank):
+    torch.manual_seed(0)
+    config = tiny_config(layernorm_zero_centered_gamma=True)
+    model = build_gpt(config, "hybridnorm_star")
+    randomize_norms(model)
+    with torch.no_grad():  # stored weights are gamma - 1
+        for n, p in model.named_parameters():
+            if "layernorm" in n:
+                p.sub_(1.0)
+    worst, errs = compare_to_reference(model, "hybridnorm_star", config)
+    assert worst < TOL, errs
+
+
+def test_mixln_fraction_option_matches_reference(megatron_single_rank):
+    torch.manual_seed(0)
+    config = tiny_config()
+    model = build_gpt(config, "mixln", mixln_fraction=0.5)
+    randomize_norms(model)
+    worst, errs = compare_to_reference(model, "mixln", config, mixln_fraction=0.5)
+    assert worst < TOL, errs
+    assert [type(l.post_mlp_layernorm).__name__ for l in model.decoder.layers] == [
+        "Norm", "Norm", "IdentityOp", "IdentityOp"
+    ]
+
+
+def test_negative_control_moved_norm_is_caught(megatron_single_rank):
+    """HybridNorm with its FFN residual taken BEFORE the norm (y, not N(y)) must not pass."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+    from megatron.core.models.gpt import GPTModel
+    from helpers import SEQ, VOCAB
+
+    torch.manual_seed(0)
+    config = tiny_config()
+    wrong = mh.LayerNorms(q=True, k=True, v=True, pre_mlp=True, pre_mlp_is_residual=False)
+    spec = TransformerBlockSubmodules(
+        layer_specs=[mh.get_layer_spec(wrong)] * config.num_layers,
+        layer_norm=mh.norms.Norm,
+    )
+    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=VOCAB,
+                     max_sequence_length=SEQ, position_embedding_type="rope", rotary_base=500000)
+    randomize_norms(model)
+    worst, _ = compare_to_reference(model, "hybridnorm", config)
+    assert worst > 1e-2
+
+
+def test_negative_control_wrong_reference_scheme_is_caught(megatron_single_rank):
+    """The comparison tells HybridNorm from HybridNorm* (they differ only in block 0)."""
+    torch.manual_seed(0)
+    config = tiny_config()
+    model = build_gpt(config, "hybridnorm_star")
+    randomize_norms(model)
+    worst, _ = compare_to_reference(model, "hybridnorm_star", config, ref_scheme="hybridnorm")
+    assert worst > 1e-2
