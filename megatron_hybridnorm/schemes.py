@@ -59,6 +59,10 @@ class Scheme:
     head_fraction: float | None = None
     summary: str = ""
 
+    @property
+    def has_head_norms(self) -> bool:
+        return any(lay is not None and lay.has_head_norms for lay in (self.body, self.head))
+
     def num_head_layers(self, num_layers: int, head_fraction: float | None = None) -> int:
         if self.head is None:
             return 0

@@ -106,6 +106,8 @@ def stage_layer_ids(
     config: TransformerConfig, vp_stage: int | None = None, pp_rank: int | None = None
 ) -> list[int]:
     """The global (0-based) layer ids built on this pipeline stage, as Megatron assigns them."""
+    if pp_rank is None and config.pipeline_model_parallel_size == 1:
+        pp_rank = 0  # no pipeline: no need for an initialized parallel state
     if config.pipeline_model_parallel_layout is not None:
         return list(
             config.pipeline_model_parallel_layout.get_layer_id_list(
@@ -129,6 +131,9 @@ def get_decoder_block_spec(
     """The decoder block of this pipeline stage for ``scheme``: pass it to ``GPTModel`` as
     ``transformer_layer_spec``.
 
+    For schemes whose layers differ (hybridnorm_star, mixln) this sets
+    ``config.hetereogenous_dist_checkpoint`` (see below); build the model with the same config.
+
     Options: ``qkv_norm`` ("head", the paper's per-head norms, or "full": over all heads, exact
     at any TP size) for schemes with Q/K/V norms; ``mixln_fraction`` (0.25) for Mix-LN.
     """
@@ -136,6 +141,11 @@ def get_decoder_block_spec(
     opts = check_options(s, options)
     layouts = s.layouts(config.num_layers, opts.get("mixln_fraction"))
     check_config(config, s, layouts, opts, use_transformer_engine)
+    if len(set(layouts)) > 1:
+        # Megatron's dist checkpoints stack layers into one tensor per parameter name, which
+        # needs every layer to hold the same parameters. HybridNorm* and Mix-LN layers differ,
+        # so key each layer separately, as Megatron does for mixed dense/MoE layers.
+        config.hetereogenous_dist_checkpoint = True
     moe = _moe_pattern(config)
     specs = {}
 

@@ -16,16 +16,16 @@ class SchemeConfigError(ValueError):
 
 def check_options(scheme: Scheme, options: dict) -> dict:
     """Resolve a scheme's options; an option the scheme does not use is an error."""
-    known = {"qkv_norm": "head"}
+    known = {}
+    if scheme.has_head_norms:
+        known["qkv_norm"] = "head"
     if scheme.head_fraction is not None:
         known["mixln_fraction"] = scheme.head_fraction
     unknown = set(options) - set(known)
     if unknown:
-        raise SchemeConfigError(
-            f"scheme {scheme.name!r} takes the options {sorted(known)}; "
-            f"got unknown {sorted(unknown)}"
-        )
-    resolved = {**known, **options}
+        takes = f"the options {sorted(known)}" if known else "no options"
+        raise SchemeConfigError(f"scheme {scheme.name!r} takes {takes}; got {sorted(unknown)}")
+    resolved = {"qkv_norm": "head", **known, **options}
     if resolved["qkv_norm"] not in QKV_NORMS:
         raise SchemeConfigError(f"qkv_norm must be one of {QKV_NORMS}, got {resolved['qkv_norm']!r}")
     if "mixln_fraction" in resolved and not 0.0 <= resolved["mixln_fraction"] <= 1.0:

@@ -85,3 +85,17 @@ def train_case(case: dict, steps: int = 3) -> dict:
 
 def train_cases(cases: list[dict], steps: int = 3) -> list[dict]:
     return [train_case(c, steps) for c in cases]
+
+
+def fail_on_rank(bad: int) -> int:
+    if torch.distributed.get_rank() == bad:
+        raise RuntimeError(f"deliberate failure on rank {bad}")
+    return torch.distributed.get_rank()
+
+
+def hang_on_rank(bad: int) -> int:
+    import time
+
+    if torch.distributed.get_rank() == bad:
+        time.sleep(3600)
+    return torch.distributed.get_rank()

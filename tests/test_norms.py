@@ -1,0 +1,74 @@
+"""Norm modules: fp32 math whatever the input dtype, and their parallel markings."""
+
+import pytest
+import torch
+
+from megatron_hybridnorm.norms import FullWidthNorm, HeadNorm, Norm, PostNorm
+from helpers import tiny_config
+
+
+def ref_rms(x, w, eps=1e-5):
+    x = x.double()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_norm_is_computed_in_fp32(dtype):
+    n = Norm(config=tiny_config(), hidden_size=64, eps=1e-5)
+    with torch.no_grad():
+        n.weight.uniform_(0.5, 1.5)
+    x = (torch.randn(5, 3, 64) * 30).to(dtype)  # large values: fp16 squares would overflow
+    y = n(x)
+    assert y.dtype == dtype
+    # exactly the fp64 result rounded once to the output dtype (ties aside)
+    expected = ref_rms(x, n.weight.detach()).to(dtype)
+    assert (y.float() - expected.float()).abs().max() <= torch.finfo(dtype).eps * expected.float().abs().max()
+
+
+def test_post_norm_returns_output_as_residual():
+    n = PostNorm(config=tiny_config(), hidden_size=64, eps=1e-5)
+    out, residual = n(torch.randn(3, 2, 64))
+    assert out is residual
+    assert PostNorm.returns_residual is True
+
+
+def test_head_norm_shares_one_weight_across_heads():
+    n = HeadNorm(config=tiny_config(), hidden_size=16, eps=1e-5)
+    with torch.no_grad():
+        n.weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 2, 3, 16)
+    for h in range(3):
+        assert torch.allclose(n(x)[:, :, h], ref_rms(x[:, :, h], n.weight.detach()).float(), atol=1e-6)
+
+
+def test_head_norm_scales_local_grad_by_tp_for_megatrons_average():
+    n = HeadNorm(config=tiny_config(tensor_model_parallel_size=2), hidden_size=16, eps=1e-5)
+    x = torch.randn(4, 2, 3, 16)
+    n(x).sum().backward()
+    g2 = n.weight.grad.clone()
+    m = HeadNorm(config=tiny_config(), hidden_size=16, eps=1e-5)
+    m(x).sum().backward()
+    assert torch.equal(g2, 2 * m.weight.grad)
+
+
+def test_full_width_norm_at_tp1_normalizes_across_heads():
+    n = FullWidthNorm(config=tiny_config(), hidden_size=16, eps=1e-5, spans="query")
+    assert n.weight.shape == (64,)
+    with torch.no_grad():
+        n.weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 2, 4, 16)
+    expected = ref_rms(x.flatten(2), n.weight.detach()).view_as(x).float()
+    assert torch.allclose(n(x), expected, atol=1e-6)
+
+
+def test_full_width_norm_refuses_uneven_heads():
+    with pytest.raises(ValueError, match='qkv_norm="head"'):
+        FullWidthNorm(config=tiny_config(tensor_model_parallel_size=4, num_query_groups=2),
+                      hidden_size=16, eps=1e-5, spans="kv")
+
+
+def test_unsupported_normalization_is_named():
+    cfg = tiny_config()
+    cfg.normalization = "L2Norm"
+    with pytest.raises(ValueError, match="RMSNorm"):
+        Norm(config=cfg, hidden_size=64, eps=1e-5)

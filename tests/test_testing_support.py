@@ -1,0 +1,25 @@
+"""The multi-process launcher reports which rank failed, and why, and never hangs."""
+
+import pytest
+
+from megatron_hybridnorm.testing import Parallel, RankFailure, run_distributed
+
+import dist_cases
+
+pytestmark = pytest.mark.slow
+
+
+def test_results_come_back_by_rank():
+    assert run_distributed(dist_cases.fail_on_rank, 2, Parallel(tp=2), args=(-1,)) == [0, 1]
+
+
+def test_failing_rank_is_named_with_its_traceback():
+    with pytest.raises(RankFailure) as err:
+        run_distributed(dist_cases.fail_on_rank, 2, args=(1,))
+    msg = str(err.value)
+    assert "rank 1:" in msg and "deliberate failure on rank 1" in msg and "rank 0:" not in msg
+
+
+def test_hanging_rank_times_out_and_is_named():
+    with pytest.raises(RankFailure, match=r"ranks \[1\] did not finish within 20 s"):
+        run_distributed(dist_cases.hang_on_rank, 2, args=(1,), timeout=20)
