@@ -1,0 +1,1 @@
+"""The ``hybridnorm-train`` command: compare norm schemes on one machine or many."""

@@ -1,0 +1,320 @@
+"""``hybridnorm-train``: train small GPTs with several norm schemes on the same data and compare.
+
+With no arguments it trains Pre-Norm, Post-Norm, HybridNorm and HybridNorm* (6 layers, d 256)
+on the running Python's standard library, on the GPU if there is one and the CPU otherwise,
+and writes metrics, plots and a summary to ``runs/<name>/``. Under torchrun it runs with
+tensor, sequence and pipeline parallelism (``--tp``, ``--sp``, ``--pp``) and data parallelism.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_SCHEMES = "prenorm,postnorm,hybridnorm,hybridnorm_star"
+RESUMABLE_KEEP = ("name", "runs_dir", "resume", "verbose")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hybridnorm-train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("schemes")
+    g.add_argument("--schemes", default=DEFAULT_SCHEMES, help="comma-separated scheme names")
+    g.add_argument("--qkv-norm", default="head", choices=["head", "full"],
+                   help="Q/K/V norms per head (the paper's) or over all heads")
+    g.add_argument("--mixln-fraction", type=float, default=None,
+                   help="Mix-LN's fraction of Post-Norm layers (scheme default 0.25)")
+    g = p.add_argument_group("model")
+    g.add_argument("--layers", type=int, default=6)
+    g.add_argument("--hidden", type=int, default=256)
+    g.add_argument("--heads", type=int, default=4)
+    g.add_argument("--kv-heads", type=int, default=2, help="query groups (GQA)")
+    g.add_argument("--ffn-hidden", type=int, default=None, help="SwiGLU width (default ~8/3 d)")
+    g.add_argument("--seq-len", type=int, default=128)
+    g.add_argument("--rope-base", type=float, default=500000.0)
+    g.add_argument("--untie-embeddings", action="store_true")
+    g.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
+                   help="default: bf16 on a GPU, fp32 on a CPU")
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=120)
+    g.add_argument("--batch-size", type=int, default=8, help="global batch, in sequences")
+    g.add_argument("--micro-batch-size", type=int, default=None,
+                   help="default: the global batch split over data-parallel ranks")
+    g.add_argument("--lr", type=float, default=3e-3)
+    g.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 10%%)")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--eval-interval", type=int, default=20)
+    g.add_argument("--eval-batches", type=int, default=4)
+    g.add_argument("--grad-flow-steps", default=None,
+                   help="steps whose per-layer gradient norms are plotted (default: 1 and "
+                        "min(100, steps))")
+    g = p.add_argument_group("parallelism (run under torchrun for more than one process)")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    g.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    g.add_argument("--sp", action="store_true", help="sequence parallelism (needs --tp > 1)")
+    g = p.add_argument_group("data (default: the Python standard library, bytes)")
+    g.add_argument("--text", default=None, help="a plain text file, or JSONL with a text field")
+    g.add_argument("--data-path", default=None,
+                   help="PREFIX of a Megatron indexed dataset (PREFIX.bin, PREFIX.idx)")
+    g.add_argument("--vocab-size", type=int, default=None, help="tokenizer vocab (--data-path)")
+    g.add_argument("--max-corpus-mb", type=float, default=8.0,
+                   help="read at most this much byte-level text")
+    g = p.add_argument_group("output")
+    g.add_argument("--name", default=None, help="run name (default: a timestamp)")
+    g.add_argument("--runs-dir", default="runs")
+    g.add_argument("--resume", action="store_true",
+                   help="continue run --name (default: the newest) from its checkpoints")
+    g.add_argument("--save-interval", type=int, default=0,
+                   help="also checkpoint every N steps (0: at the end and on Ctrl-C)")
+    g.add_argument("--verbose", action="store_true", help="show megatron-core's warnings")
+    return p
+
+
+class ArgError(ValueError):
+    """A flag combination that cannot work; reported before any work starts."""
+
+
+def resolve(args, world_size: int, cuda: bool):
+    """Fill defaults that depend on other flags, and check everything that can be checked."""
+    from ..schemes import SCHEMES
+
+    args.scheme_list = [s.strip() for s in args.schemes.split(",") if s.strip()]
+    bad = [s for s in args.scheme_list if s not in SCHEMES]
+    if bad or not args.scheme_list:
+        raise ArgError(f"--schemes: unknown {bad or 'empty'}; choose from {', '.join(SCHEMES)}")
+    if len(set(args.scheme_list)) != len(args.scheme_list):
+        raise ArgError("--schemes lists a scheme twice")
+    if args.ffn_hidden is None:
+        args.ffn_hidden = max(64, round(args.hidden * 8 / 3 / 64) * 64)
+    if args.dtype is None:
+        args.dtype = "bf16" if cuda else "fp32"
+    if args.warmup is None:
+        args.warmup = max(1, args.steps // 10)
+    positive = ("layers", "hidden", "heads", "kv_heads", "ffn_hidden", "seq_len", "steps",
+                "batch_size", "tp", "pp", "eval_interval", "eval_batches")
+    for k in positive:
+        if getattr(args, k) < 1:
+            raise ArgError(f"--{k.replace('_', '-')} must be at least 1")
+    if args.lr <= 0:
+        raise ArgError("--lr must be positive")
+    if args.hidden % args.heads:
+        raise ArgError(f"--hidden {args.hidden} is not divisible by --heads {args.heads}")
+    if args.heads % args.kv_heads:
+        raise ArgError(f"--heads {args.heads} is not divisible by --kv-heads {args.kv_heads}")
+    if args.heads % args.tp:
+        raise ArgError(f"--heads {args.heads} is not divisible by --tp {args.tp}")
+    if args.kv_heads % args.tp and args.tp % args.kv_heads:
+        raise ArgError(f"--kv-heads {args.kv_heads} and --tp {args.tp}: one must divide the other")
+    if args.pp > args.layers:
+        raise ArgError(f"--pp {args.pp} asks for more pipeline stages than --layers {args.layers}")
+    if args.layers % args.pp:
+        raise ArgError(f"--layers {args.layers} is not divisible by --pp {args.pp}")
+    if args.sp and args.tp == 1:
+        raise ArgError("--sp needs --tp > 1")
+    if args.sp and args.seq_len % args.tp:
+        raise ArgError(f"--sp: --seq-len {args.seq_len} is not divisible by --tp {args.tp}")
+    if world_size % (args.tp * args.pp):
+        raise ArgError(f"{world_size} processes cannot hold --tp {args.tp} x --pp {args.pp}; "
+                       f"launch a multiple of {args.tp * args.pp} processes with torchrun")
+    args.dp = world_size // (args.tp * args.pp)
+    if args.batch_size % args.dp:
+        raise ArgError(f"--batch-size {args.batch_size} is not divisible by the {args.dp} "
+                       "data-parallel ranks")
+    if args.micro_batch_size is None:
+        args.micro_batch_size = args.batch_size // args.dp
+    if (args.batch_size // args.dp) % args.micro_batch_size:
+        raise ArgError(f"--micro-batch-size {args.micro_batch_size} does not divide the "
+                       f"per-rank batch {args.batch_size // args.dp}")
+    if args.grad_flow_steps is None:
+        args.grad_flow_steps = sorted({1, min(100, args.steps)})
+    elif isinstance(args.grad_flow_steps, str):
+        try:
+            args.grad_flow_steps = sorted({int(s) for s in args.grad_flow_steps.split(",")})
+        except ValueError:
+            raise ArgError("--grad-flow-steps takes comma-separated step numbers") from None
+    if any(not 1 <= s <= args.steps for s in args.grad_flow_steps):
+        raise ArgError(f"--grad-flow-steps must lie in 1..{args.steps}")
+    if args.text is None and args.data_path is None and args.vocab_size is not None:
+        raise ArgError("--vocab-size applies to --data-path only (byte-level text has 256)")
+    # what the spec builder would refuse, now rather than after the data is read
+    from .. import SchemeConfigError, get_decoder_block_spec
+    from .model import scheme_options, transformer_config
+
+    config = transformer_config(args)
+    for s in args.scheme_list:
+        try:
+            get_decoder_block_spec(config, s, pp_rank=0, **scheme_options(args, s))
+        except SchemeConfigError as e:
+            raise ArgError(str(e)) from None
+    return args
+
+
+def run_folder(args) -> Path:
+    root = Path(args.runs_dir)
+    if args.resume:
+        if args.name is None:
+            runs = sorted((p for p in root.glob("*/config.json")), key=lambda p: p.stat().st_mtime)
+            if not runs:
+                raise ArgError(f"--resume: no run in {root}/ to resume")
+            return runs[-1].parent
+        folder = root / args.name
+        if not (folder / "config.json").is_file():
+            raise ArgError(f"--resume: {folder} holds no run")
+        return folder
+    folder = root / (args.name or time.strftime("%Y%m%d-%H%M%S"))
+    if folder.exists():
+        raise ArgError(f"{folder} exists; pass --resume to continue it, or another --name")
+    return folder
+
+
+def restore_args(cli, folder: Path, defaults):
+    """On --resume the saved flags win; a flag given now that disagrees is an error."""
+    saved = json.loads((folder / "config.json").read_text())["args"]
+    changed = [k for k, v in vars(cli).items()
+               if k not in RESUMABLE_KEEP and v != getattr(defaults, k) and saved.get(k) != v]
+    if changed:
+        raise ArgError(f"--resume continues {folder} with its saved flags; these differ: "
+                       + ", ".join(f"--{k.replace('_', '-')}" for k in changed))
+    args = argparse.Namespace(**{**vars(defaults), **saved})
+    args.resume, args.name, args.runs_dir = True, folder.name, str(folder.parent)
+    return args
+
+
+def versions() -> dict:
+    from importlib.metadata import version
+
+    import torch
+
+    from .. import __version__
+
+    # (megatron.core.__version__ appends the git hash of the current directory's repository)
+    return {"python": sys.version.split()[0], "torch": torch.__version__,
+            "megatron-core": version("megatron-core"), "megatron-hybridnorm": __version__}
+
+
+class Progress:
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total, self.bar = enabled, total, None
+
+    def start(self, scheme: str, initial: int) -> None:
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, initial=initial, desc=f"{scheme:>16}",
+                            unit="step", dynamic_ncols=True, file=sys.stdout)
+
+    def update(self, scheme: str, step: int, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            self.bar.update(step - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+
+def quiet() -> None:
+    """Keep the terminal for progress and results: megatron-core warns at import about optional
+    packages (Apex, TE) and deprecations that do not concern this command."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", module=r"megatron\..*")
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|absl).*")
+    for name in ("megatron", "torch.utils.cpp_extension"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv=None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    if not args.verbose:
+        quiet()
+    import torch
+
+    from . import dist
+    from .data import DataError, load_corpus
+    from .loop import SchemeRun
+    from .report import RunLog, plot, summarize, table
+
+    try:
+        folder = run_folder(args)
+        if args.resume:
+            args = restore_args(args, folder, p.parse_args([]))
+            args.grad_flow_steps = ",".join(map(str, args.grad_flow_steps))
+        resolve(args, dist.world_size(), torch.cuda.is_available())
+        corpus = load_corpus(args.text, args.data_path, args.vocab_size,
+                             int(args.max_corpus_mb * 1e6))
+    except (ArgError, DataError) as e:
+        p.exit(2, f"hybridnorm-train: error: {e}\n")
+
+    device = dist.setup(args.tp, args.pp, args.seed)
+    main_rank = dist.is_main()
+    progress = Progress(main_rank, args.steps)
+    log = RunLog(folder, printer=progress.write)
+    outcomes_path = folder / "outcomes.json"
+    if main_rank:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not args.resume:
+            saved = {k: v for k, v in vars(args).items() if k not in ("scheme_list", "dp")}
+            (folder / "config.json").write_text(json.dumps(dict(
+                args=saved, world_size=dist.world_size(), device=str(device),
+                device_name=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                corpus=corpus.description, vocab_size=corpus.vocab_size, versions=versions(),
+            ), indent=2))
+    outcomes = json.loads(outcomes_path.read_text()) if outcomes_path.is_file() else {}
+    log.note(f"run {folder} on {dist.world_size()} x {device.type} "
+             f"(tp {args.tp}, pp {args.pp}, dp {args.dp}{', sp' if args.sp else ''}), {args.dtype}; "
+             f"data: {corpus.description}")
+
+    from .loop import Outcome
+
+    results = {}
+    for scheme in args.scheme_list:
+        if scheme in outcomes:
+            results[scheme] = Outcome(scheme, outcomes[scheme]["diverged_step"])
+            continue
+        run = SchemeRun(args, scheme, corpus, log, device, folder / "checkpoints" / scheme)
+        if args.resume:
+            run.resume()
+            log.truncate(scheme, run.step)
+        progress.start(scheme, run.step)
+        outcome = run.train(progress)
+        progress.close()
+        if outcome.interrupted_at is not None:
+            log.note(f"resume with: hybridnorm-train --resume --name {folder.name}"
+                     + (f" --runs-dir {args.runs_dir}" if args.runs_dir != "runs" else ""))
+            dist.teardown()
+            return 130
+        results[scheme] = outcome
+        outcomes[scheme] = {"diverged_step": outcome.diverged_step}
+        if main_rank:
+            outcomes_path.write_text(json.dumps(outcomes, indent=2))
+
+    if main_rank:
+        summary = summarize(folder, args.scheme_list, results)
+        (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+        plot(folder, args.scheme_list)
+        print("\n" + table(summary))
+        print(f"\nwrote {folder}/: metrics.jsonl, summary.json, loss.png, grad_flow.png, config.json")
+    dist.teardown()
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())

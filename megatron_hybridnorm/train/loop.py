@@ -1,0 +1,195 @@
+"""Training one scheme with Megatron's forward-backward schedules."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from . import checkpoint
+from .data import Corpus, get_batch
+from .model import build, unwrap
+
+VAL_SEED_OFFSET = 7919  # validation windows come from their own generator stream
+
+
+@dataclass
+class Outcome:
+    scheme: str
+    diverged_step: int | None = None
+    interrupted_at: int | None = None
+
+
+def _loss_func(output_tensor):
+    loss = output_tensor.float().mean()
+    return loss, {"lm loss": loss.detach()}
+
+
+def _forward_step(device, data_iterator, model):
+    tokens, labels = next(data_iterator)
+    tokens, labels = tokens.to(device), labels.to(device)
+    position_ids = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
+    return model(tokens, position_ids, None, labels=labels), _loss_func
+
+
+def _microbatches(tokens, labels, micro_batch_size):
+    """This data-parallel rank's share of a global batch, cut into micro-batches."""
+    from megatron.core import parallel_state
+
+    dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    per = tokens.shape[0] // dp
+    t, l = tokens[rank * per : (rank + 1) * per], labels[rank * per : (rank + 1) * per]
+    return [(t[i : i + micro_batch_size], l[i : i + micro_batch_size])
+            for i in range(0, per, micro_batch_size)]
+
+
+def _mean_over_batch(loss_dicts, device) -> float:
+    """The batch's mean loss on every rank (it is computed on the last pipeline stage)."""
+    from megatron.core import parallel_state
+
+    value = torch.zeros(1, dtype=torch.float64, device=device)
+    if loss_dicts:  # last stage
+        value += torch.stack([d["lm loss"].double() for d in loss_dicts]).mean()
+    torch.distributed.all_reduce(value, group=parallel_state.get_pipeline_model_parallel_group())
+    torch.distributed.all_reduce(value, group=parallel_state.get_data_parallel_group())
+    return value.item() / parallel_state.get_data_parallel_world_size()
+
+
+def layer_grad_norms(ddp, num_layers: int, device) -> list[float]:
+    """The gradient norm of each global layer, over all its parameters and all ranks."""
+    from megatron.core import parallel_state
+
+    sq = torch.zeros(num_layers, dtype=torch.float64, device=device)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    for layer in unwrap(ddp).decoder.layers:
+        for p in layer.parameters():
+            g = getattr(p, "main_grad", None)
+            if g is None:
+                continue
+            # sharded parameters count on every TP rank, replicated ones once
+            if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
+                sq[layer.layer_number - 1] += g.double().pow(2).sum()
+    torch.distributed.all_reduce(sq, group=parallel_state.get_model_parallel_group())
+    return sq.sqrt().tolist()
+
+
+class SchemeRun:
+    """Builds one scheme's model and trains it; logs through ``log`` (a report.RunLog)."""
+
+    def __init__(self, args, scheme: str, corpus: Corpus, log, device, ckpt_dir):
+        self.args, self.scheme, self.corpus, self.log = args, scheme, corpus, log
+        self.device, self.ckpt_dir = device, ckpt_dir
+        self.ddp, self.optimizer, self.scheduler, self.config = build(args, scheme, corpus.vocab_size)
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        self.fwd_bwd = get_forward_backward_func()
+        self.step = 0
+
+    def _run_batch(self, tokens, labels, forward_only: bool) -> float:
+        mbs = _microbatches(tokens, labels, self.args.micro_batch_size)
+        losses = self.fwd_bwd(
+            forward_step_func=partial(_forward_step, self.device),
+            data_iterator=iter(mbs),
+            model=[self.ddp],
+            num_microbatches=len(mbs),
+            seq_length=self.args.seq_len,
+            micro_batch_size=self.args.micro_batch_size,
+            forward_only=forward_only,
+        )
+        return _mean_over_batch(losses, self.device)
+
+    def evaluate(self) -> float:
+        self.ddp.eval()
+        with torch.no_grad():
+            values = [
+                self._run_batch(*get_batch(self.corpus.val, self.args.seed + VAL_SEED_OFFSET, i,
+                                           self.args.batch_size, self.args.seq_len), True)
+                for i in range(self.args.eval_batches)
+            ]
+        self.ddp.train()
+        return sum(values) / len(values)
+
+    def resume(self) -> None:
+        path = checkpoint.latest(self.ckpt_dir)
+        if path is not None:
+            self.step = checkpoint.load(path, unwrap(self.ddp), self.optimizer, self.scheduler)
+
+    def save(self):
+        return checkpoint.save(self.ckpt_dir, unwrap(self.ddp), self.optimizer, self.scheduler,
+                               self.step)
+
+    def train(self, progress) -> Outcome:
+        args = self.args
+        outcome = Outcome(self.scheme)
+        if self.step == 0:
+            self.log.metrics(self.scheme, 0, val_loss=self.evaluate())
+        tokens_per_step = args.batch_size * args.seq_len
+        with _StopOnInterrupt() as stop:
+            while self.step < args.steps:
+                t0 = time.perf_counter()
+                tokens, labels = get_batch(self.corpus.train, args.seed, self.step,
+                                           args.batch_size, args.seq_len)
+                self.ddp.zero_grad_buffer()
+                self.optimizer.zero_grad()
+                loss = self._run_batch(tokens, labels, forward_only=False)
+                next_step = self.step + 1
+                if next_step in args.grad_flow_steps:
+                    self.log.grad_flow(self.scheme, next_step,
+                                       layer_grad_norms(self.ddp, args.layers, self.device))
+                _, grad_norm, _ = self.optimizer.step()
+                self.scheduler.step(1)
+                self.step = next_step
+                dt = time.perf_counter() - t0
+                grad_norm = float("nan") if grad_norm is None else float(grad_norm)
+                diverged = not (math.isfinite(loss) and math.isfinite(grad_norm))
+                evaluate = not diverged and (self.step % args.eval_interval == 0
+                                             or self.step == args.steps)
+                self.log.metrics(
+                    self.scheme, self.step, train_loss=loss, grad_norm=grad_norm,
+                    tokens_per_s=tokens_per_step / dt, lr=self.scheduler.get_lr(
+                        self.optimizer.param_groups[0]),
+                    val_loss=self.evaluate() if evaluate else None,
+                )
+                progress.update(self.scheme, self.step, loss)
+                if diverged:
+                    outcome.diverged_step = self.step
+                    self.log.note(f"{self.scheme}: loss or gradient became non-finite at step "
+                                  f"{self.step}: diverged; going on with the other schemes")
+                    return outcome
+                if stop.requested(self.device):
+                    outcome.interrupted_at = self.step
+                    self.log.note(f"interrupted at step {self.step}; saved checkpoint "
+                                  f"{self.save()}")
+                    return outcome
+                if args.save_interval and self.step % args.save_interval == 0:
+                    self.log.note(f"saved checkpoint {self.save()}")
+        self.log.note(f"saved checkpoint {self.save()}")
+        return outcome
+
+
+class _StopOnInterrupt:
+    """Ctrl-C asks to stop at the next step boundary, where a checkpoint is consistent; a
+    second Ctrl-C interrupts at once. All ranks agree on stopping through one all-reduce."""
+
+    def __enter__(self):
+        self._flag = False
+
+        def handler(signum, frame):
+            self._flag = True
+            signal.signal(signal.SIGINT, self._previous)
+
+        self._previous = signal.signal(signal.SIGINT, handler)
+        return self
+
+    def requested(self, device) -> bool:
+        flag = torch.tensor([1.0 if self._flag else 0.0], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._previous)
+        return False

@@ -1,0 +1,178 @@
+"""One scheme's model, wrapped the way Megatron trains it: GPTModel, DDP, optimizer, LR schedule."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import apply_small_init, get_decoder_block_spec
+
+
+def transformer_config(args):
+    """The TransformerConfig every scheme shares (SmallInit, SwiGLU, GQA, RMSNorm)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    bf16 = args.dtype == "bf16"
+    config = TransformerConfig(
+        num_layers=args.layers,
+        hidden_size=args.hidden,
+        num_attention_heads=args.heads,
+        num_query_groups=args.kv_heads,
+        ffn_hidden_size=args.ffn_hidden,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        normalization="RMSNorm",
+        layernorm_epsilon=1e-5,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=args.tp,
+        pipeline_model_parallel_size=args.pp,
+        sequence_parallel=args.sp,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        bf16=bf16,
+        use_cpu_initialization=True,  # the same weights at any TP/PP size, for comparisons
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        gradient_accumulation_fusion=False,
+    )
+    return apply_small_init(config)
+
+
+def build(args, scheme: str, vocab_size: int):
+    """(ddp model, optimizer, lr scheduler, config) for ``scheme`` on this pipeline stage."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.transformer.module import Float16Module
+
+    config = transformer_config(args)
+    spec = get_decoder_block_spec(config, scheme, **scheme_options(args, scheme))
+    torch.manual_seed(args.seed)  # every scheme starts from the same draws
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=vocab_size,
+        max_sequence_length=args.seq_len,
+        position_embedding_type="rope",
+        rotary_base=args.rope_base,
+        share_embeddings_and_output_weights=not args.untie_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    )
+    reinit_by_name(model, config, args.seed)
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    if config.bf16:
+        model = Float16Module(config, model)
+    ddp = DistributedDataParallel(
+        config,
+        DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False),
+        model,
+    )
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=args.lr,
+            min_lr=args.lr * 0.1,
+            weight_decay=args.weight_decay,
+            adam_beta1=0.9,
+            adam_beta2=0.95,
+            clip_grad=args.clip_grad,
+            bf16=config.bf16,
+            params_dtype=config.params_dtype,
+        ),
+        [ddp],
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=args.lr,
+        min_lr=args.lr * 0.1,
+        lr_warmup_steps=args.warmup,
+        lr_decay_steps=args.steps,
+        lr_decay_style="cosine",
+        start_wd=args.weight_decay,
+        end_wd=args.weight_decay,
+        wd_incr_steps=args.steps,
+        wd_incr_style="constant",
+    )
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp.no_sync
+    return ddp, optimizer, scheduler, config
+
+
+def reinit_by_name(model, config, seed: int) -> None:
+    """Draw every weight matrix from a generator seeded by its global name, at full size, then
+    keep this rank's shard: the same model at any TP and PP layout, so that parallel runs can be
+    compared with one-rank runs. (Megatron's CPU init is TP-invariant, but each pipeline stage
+    restarts the random stream.) Norms keep their init (ones)."""
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    tied = model.share_embeddings_and_output_weights
+    names = {}
+    for layer in getattr(model.decoder, "layers", []):
+        names[id(layer)] = f"decoder.layers.{layer.layer_number - 1}."
+    with torch.no_grad():
+        for module in model.modules():
+            prefix = names.get(id(module))
+            if prefix is None:
+                continue
+            for pname, p in module.named_parameters():
+                if "layernorm" not in pname:
+                    _draw(p, prefix + pname, config, seed, tp, rank)
+        for pname, p in model.named_parameters():
+            if pname.startswith("embedding.") or pname.startswith("output_layer."):
+                key = "embedding.word_embeddings.weight" if tied else pname
+                _draw(p, key, config, seed, tp, rank)
+
+
+def _draw(p, name, config, seed, tp, rank):
+    import zlib
+
+    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        init = config.output_layer_init_method
+    elif name.startswith("embedding."):
+        init = config.embedding_init_method
+    else:
+        init = config.init_method
+    shape = list(p.shape)
+    parallel = getattr(p, "tensor_model_parallel", False)
+    if parallel:
+        shape[p.partition_dim] *= tp
+    full = torch.empty(shape, dtype=torch.float32)
+    with torch.random.fork_rng(devices=[]):  # Megatron's init methods draw from the global RNG
+        torch.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+        init(full)
+    if parallel:
+        stride = getattr(p, "partition_stride", 1)
+        chunks = full.chunk(tp * stride, dim=p.partition_dim)
+        full = torch.cat(chunks[rank::tp], dim=p.partition_dim)
+    p.copy_(full)
+
+
+def scheme_options(args, scheme: str) -> dict:
+    from ..schemes import get_scheme
+
+    s = get_scheme(scheme)
+    opts = {}
+    if s.has_head_norms and args.qkv_norm != "head":
+        opts["qkv_norm"] = args.qkv_norm
+    if s.head_fraction is not None and args.mixln_fraction is not None:
+        opts["mixln_fraction"] = args.mixln_fraction
+    return opts
+
+
+def unwrap(ddp):
+    """The GPTModel inside DDP (and Float16Module)."""
+    m = ddp.module
+    return m.module if hasattr(m, "module") and not hasattr(m, "decoder") else m
