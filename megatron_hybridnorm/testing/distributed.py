@@ -4,7 +4,6 @@ rank's failure clearly. Hangs end at a timeout that names the ranks that did not
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import pickle
 import queue
 import socket
@@ -41,15 +40,13 @@ def init_rank(rank: int, world_size: int, port: int, layout: Parallel, seed: int
     from .cpu import use_cpu
 
     use_cpu()
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    os.environ["RANK"] = str(rank)
-    os.environ["WORLD_SIZE"] = str(world_size)
-    os.environ["LOCAL_RANK"] = str(rank)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(rank % torch.cuda.device_count())
-    torch.distributed.init_process_group(backend, rank=rank, world_size=world_size)
+    # an explicit address, not environment variables that child processes would inherit
+    torch.distributed.init_process_group(
+        backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
