@@ -238,3 +238,11 @@ def test_default_run_learns_in_under_six_minutes(tmp_path):
                                               "grad_norm", "tokens_per_s", "lr"}
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["args"]["layers"] == 6 and cfg["args"]["hidden"] == 256
+
+
+def test_data_shorter_than_a_sequence_is_refused(tmp_path, capsys):
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("x" * 100)
+    with pytest.raises(SystemExit):
+        cli.main(["--text", str(tiny), "--runs-dir", str(tmp_path / "runs")])
+    assert "too few for --seq-len 128" in capsys.readouterr().err

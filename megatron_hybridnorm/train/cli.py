@@ -260,6 +260,10 @@ def main(argv=None) -> int:
         resolve(args, dist.world_size(), torch.cuda.is_available())
         corpus = load_corpus(args.text, args.data_path, args.vocab_size,
                              int(args.max_corpus_mb * 1e6))
+        for split, stream in (("training", corpus.train), ("validation", corpus.val)):
+            if len(stream) <= args.seq_len + 1:
+                raise DataError(f"the {split} split has {len(stream)} tokens, too few for "
+                                f"--seq-len {args.seq_len}")
     except (ArgError, DataError) as e:
         p.exit(2, f"hybridnorm-train: error: {e}\n")
 

@@ -55,7 +55,7 @@ def build(args, scheme: str, vocab_size: int):
 
     config = transformer_config(args)
     spec = get_decoder_block_spec(config, scheme, **scheme_options(args, scheme))
-    torch.manual_seed(args.seed)  # every scheme starts from the same draws
+    vocab_size += (-vocab_size) % args.tp  # the vocab-parallel embedding splits it over TP ranks
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
@@ -139,6 +139,9 @@ def reinit_by_name(model, config, seed: int) -> None:
 def _draw(p, name, config, seed, tp, rank):
     import zlib
 
+    if name.endswith(".bias"):
+        p.zero_()  # as Megatron initializes biases
+        return
     if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
         init = config.output_layer_init_method
     elif name.startswith("embedding."):
