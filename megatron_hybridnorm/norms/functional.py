@@ -1,9 +1,21 @@
-"""The one normalization function every norm module here calls: fp32 math, output in the input dtype."""
+"""The one normalization function every norm module here calls: fp32 math, output in the input
+dtype. On CUDA it uses Apex's fused kernels when Apex is installed (they compute in fp32 too);
+elsewhere, and without Apex, it uses torch."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+try:
+    from apex.normalization.fused_layer_norm import (
+        FusedLayerNormAffineMixedDtypesFunction,
+        FusedRMSNormAffineMixedDtypesFunction,
+    )
+
+    HAVE_APEX = True
+except ImportError:  # Apex is optional (not on PyPI)
+    HAVE_APEX = False
 
 
 def normalize(
@@ -13,16 +25,24 @@ def normalize(
     eps: float,
     kind: str,
     zero_centered_gamma: bool = False,
+    impl: str = "auto",
 ) -> torch.Tensor:
     """RMSNorm or LayerNorm over the last dim, computed in fp32 and cast back.
 
     With ``zero_centered_gamma`` the stored weight is gamma - 1 (Megatron's convention).
+    ``impl``: "auto" (Apex on CUDA when installed, else torch), "apex" or "torch".
     """
     w = weight.float()
     if zero_centered_gamma:
         w = w + 1.0
-    xf = x.float()
     width = (x.shape[-1],)
+    if impl == "apex" or (impl == "auto" and HAVE_APEX and x.is_cuda):
+        if kind == "RMSNorm":
+            y = FusedRMSNormAffineMixedDtypesFunction.apply(x, w, width, eps, False)
+        else:
+            y = FusedLayerNormAffineMixedDtypesFunction.apply(x, w, bias.float(), width, eps, False)
+        return y.to(x.dtype)
+    xf = x.float()
     if kind == "RMSNorm":
         y = F.rms_norm(xf, width, w, eps)
     else:
