@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
+from megatron.core.extensions.transformer_engine import HAVE_TE
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import LocalSpecProvider
-from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_backend
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.enums import AttnMaskType, LayerType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -22,15 +24,41 @@ from .attention import QKVNormSelfAttention, QKVNormSelfAttentionSubmodules
 from .core_attention import SDPAttention
 from .layer import HybridTransformerLayer, HybridTransformerLayerSubmodules
 from .norms import FullWidthNorm, HeadNorm, Norm, PostNorm
+from .norms.te import TEPostNorm
 from .schemes import LayerNorms, get_scheme
-from .validate import check_config, check_options
+from .validate import SchemeConfigError, check_config, check_options
 
 
 def _head_norms(qkv_norm: str):
-    """Builders for the q norm and the k/v norms."""
+    """Builders for the q norm and the k/v norms (ours on both backends, see norms/te.py)."""
     if qkv_norm == "full":
         return partial(FullWidthNorm, spans="query"), partial(FullWidthNorm, spans="kv")
     return HeadNorm, HeadNorm
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Which modules fill the slots. TE fuses a pre-norm into the linear that follows it."""
+
+    provider: object  # megatron-core's BackendSpecProvider
+    norm: object
+    post_norm: object
+    core_attention: object
+    fuses_norm_into_linear: bool
+
+
+def backend(use_transformer_engine: bool) -> Backend:
+    if not use_transformer_engine:
+        return Backend(LocalSpecProvider(), Norm, PostNorm, SDPAttention, False)
+    if not HAVE_TE:
+        raise SchemeConfigError(
+            "use_transformer_engine=True needs Transformer Engine, which is not installed: "
+            "pip install 'megatron-hybridnorm[te]', or build with use_transformer_engine=False"
+        )
+    from megatron.core.extensions.transformer_engine import TEDotProductAttention, TENorm
+    from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+    return Backend(TESpecProvider(), TENorm, TEPostNorm, TEDotProductAttention, True)
 
 
 def get_layer_spec(
@@ -40,40 +68,63 @@ def get_layer_spec(
     qkv_norm: str = "head",
     num_experts: int | None = None,
     moe_grouped_gemm: bool = False,
+    use_transformer_engine: bool = False,
 ) -> ModuleSpec:
     """One layer's spec. ``scheme`` is a scheme name or a ``LayerNorms`` layout.
 
     ``first_block`` picks the scheme's layout for its first layers (HybridNorm*'s block 0,
-    Mix-LN's Post-Norm layers).
+    Mix-LN's Post-Norm layers). On Transformer Engine, a pre-norm is fused into the linear
+    that follows it (``TELayerNormColumnParallelLinear``); a norm whose output is also the
+    residual cannot be, and stays a separate TE norm.
     """
     if isinstance(scheme, LayerNorms):
         lay = scheme
     else:
         s = get_scheme(scheme)
         lay = s.head if first_block and s.head is not None else s.body
+    b = backend(use_transformer_engine)
+    p = b.provider
     q_norm, kv_norm = _head_norms(qkv_norm)
-    mlp = get_mlp_module_spec_for_backend(
-        backend=LocalSpecProvider(), num_experts=num_experts, moe_grouped_gemm=moe_grouped_gemm
-    )
-    pre_mlp = (PostNorm if lay.pre_mlp_is_residual else Norm) if lay.pre_mlp else IdentityOp
+    fuse_input = lay.input and b.fuses_norm_into_linear
+    fuse_pre_mlp = (lay.pre_mlp and not lay.pre_mlp_is_residual and num_experts is None
+                    and b.fuses_norm_into_linear)
+    if num_experts is None:
+        mlp = partial(
+            MLP.as_mlp_submodule,
+            submodules=MLPSubmodules(
+                linear_fc1=(p.column_parallel_layer_norm_linear() if fuse_pre_mlp
+                            else p.column_parallel_linear()),
+                linear_fc2=p.row_parallel_linear(),
+            ),
+        )
+    else:  # the router and the experts see the pre-MLP norm's output
+        mlp = get_moe_module_spec_for_backend(
+            backend=p, num_experts=num_experts, moe_grouped_gemm=moe_grouped_gemm
+        )
+    if not lay.pre_mlp or fuse_pre_mlp:
+        pre_mlp = IdentityOp
+    else:
+        pre_mlp = b.post_norm if lay.pre_mlp_is_residual else b.norm
     keys_map = {}
-    # Megatron stores local pre-norms under the names the TE fused linears give them, so that
-    # local and TE checkpoints interchange; do the same where a TE spec would fuse the norm.
-    if lay.input:
-        keys_map["input_layernorm."] = "self_attention.linear_qkv.layer_norm_"
-    if lay.pre_mlp and not lay.pre_mlp_is_residual and num_experts is None:
-        keys_map["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
+    if not b.fuses_norm_into_linear:
+        # Megatron stores local pre-norms under the names the TE fused linears give them, so
+        # that local and TE checkpoints interchange; do the same where TE would fuse the norm.
+        if lay.input:
+            keys_map["input_layernorm."] = "self_attention.linear_qkv.layer_norm_"
+        if lay.pre_mlp and not lay.pre_mlp_is_residual and num_experts is None:
+            keys_map["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
     return ModuleSpec(
         module=HybridTransformerLayer,
         submodules=HybridTransformerLayerSubmodules(
-            input_layernorm=Norm if lay.input else IdentityOp,
+            input_layernorm=b.norm if lay.input and not fuse_input else IdentityOp,
             self_attention=ModuleSpec(
                 module=QKVNormSelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=QKVNormSelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
-                    core_attention=SDPAttention,
-                    linear_proj=RowParallelLinear,
+                    linear_qkv=(p.column_parallel_layer_norm_linear() if fuse_input
+                                else p.column_parallel_linear()),
+                    core_attention=b.core_attention,
+                    linear_proj=p.row_parallel_linear(),
                     q_layernorm=q_norm if lay.q else None,
                     k_layernorm=kv_norm if lay.k else None,
                     v_layernorm=kv_norm if lay.v else None,
@@ -83,7 +134,7 @@ def get_layer_spec(
             pre_mlp_layernorm=pre_mlp,
             mlp=mlp,
             mlp_bda=get_bias_dropout_add,
-            post_mlp_layernorm=Norm if lay.post_mlp else IdentityOp,
+            post_mlp_layernorm=b.norm if lay.post_mlp else IdentityOp,
             sharded_state_dict_keys_map=keys_map,
         ),
     )
@@ -157,8 +208,11 @@ def get_decoder_block_spec(
                 qkv_norm=opts["qkv_norm"],
                 num_experts=config.num_moe_experts if moe[layer_id] else None,
                 moe_grouped_gemm=config.moe_grouped_gemm,
+                use_transformer_engine=use_transformer_engine,
             )
         return specs[key]
 
     ids = stage_layer_ids(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    return TransformerBlockSubmodules(layer_specs=[spec_for(i) for i in ids], layer_norm=Norm)
+    return TransformerBlockSubmodules(
+        layer_specs=[spec_for(i) for i in ids], layer_norm=backend(use_transformer_engine).norm
+    )

@@ -88,8 +88,10 @@ def check_config(
              f"tensor_model_parallel_size={tp} > num_query_groups={groups} replicates KV heads; "
              f'use TP <= {groups} (dividing it) or qkv_norm="head"')
     if use_transformer_engine:
-        fail("the Transformer Engine backend is not available in this version; build with "
-             "use_transformer_engine=False")
+        return
+    if config.fp8 or config.fp4:
+        fail("FP8/FP4 run through Transformer Engine's linears; build the spec with "
+             "use_transformer_engine=True")
     from .core_attention import check_sdpa_config
 
     try:

@@ -1,0 +1,153 @@
+"""The Transformer Engine backend: structure (always; TE classes are megatron-core's stand-ins
+where TE is missing) and runtime against the local backend (where TE and a GPU exist)."""
+
+import pytest
+import torch
+
+import megatron_hybridnorm as mh
+from megatron_hybridnorm import specs
+from megatron_hybridnorm.norms import HeadNorm, Norm, PostNorm
+from megatron_hybridnorm.norms.te import TEPostNorm, as_post_norm
+from megatron.core.extensions import transformer_engine as te_ext
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from helpers import tiny_config
+from test_specs import EXPECTED
+
+HAVE_TE_AND_GPU = te_ext.HAVE_TE and torch.cuda.is_available()
+
+
+@pytest.fixture
+def te_available(monkeypatch):
+    """Build TE specs without TE: the classes are megatron-core's import-time stand-ins."""
+    monkeypatch.setattr(specs, "HAVE_TE", True)
+
+
+def te_slots(layer_spec):
+    sub = layer_spec.submodules
+    att = sub.self_attention.submodules
+    mlp = sub.mlp
+    fc = (mlp.keywords["submodules"].linear_fc1, mlp.keywords["submodules"].linear_fc2) \
+        if mlp.func is not MoELayer else ("moe",)
+    return dict(input=sub.input_layernorm, qkv=att.linear_qkv, core=att.core_attention,
+                proj=att.linear_proj, q=att.q_layernorm, k=att.k_layernorm, v=att.v_layernorm,
+                pre_mlp=sub.pre_mlp_layernorm, fc=fc, post_mlp=sub.post_mlp_layernorm)
+
+
+def expected_te(local_slots, moe: bool):
+    """The TE layout implied by the local one: pre-norms fused into the next linear."""
+    inp, q, k, v, pre, post = local_slots
+    if pre is PostNorm:
+        pre_te = TEPostNorm
+    elif pre is Norm:
+        pre_te = te_ext.TENorm if moe else IdentityOp
+    else:
+        pre_te = IdentityOp
+    fc1 = te_ext.TELayerNormColumnParallelLinear if (pre is Norm and not moe) \
+        else te_ext.TEColumnParallelLinear
+    return dict(
+        input=IdentityOp,
+        qkv=te_ext.TELayerNormColumnParallelLinear if inp is Norm else te_ext.TEColumnParallelLinear,
+        core=te_ext.TEDotProductAttention, proj=te_ext.TERowParallelLinear,
+        q=q, k=k, v=v, pre_mlp=pre_te,
+        fc=("moe",) if moe else (fc1, te_ext.TERowParallelLinear),
+        post_mlp=te_ext.TENorm if post is Norm else IdentityOp,
+    )
+
+
+@pytest.mark.parametrize("moe", [False, True])
+@pytest.mark.parametrize("scheme", mh.SCHEMES)
+def test_te_spec_places_every_module(te_available, scheme, moe):
+    cfg = tiny_config(num_moe_experts=4 if moe else None, moe_router_topk=2 if moe else 2)
+    block = mh.get_decoder_block_spec(cfg, scheme, use_transformer_engine=True)
+    assert block.layer_norm is te_ext.TENorm
+    for got, local in zip(block.layer_specs, EXPECTED[scheme]):
+        assert te_slots(got) == expected_te(local, moe)
+        assert got.submodules.sharded_state_dict_keys_map == {}  # TE names already
+
+
+def test_te_spec_mixed_dense_and_moe_layers(te_available):
+    cfg = tiny_config(num_moe_experts=4, moe_router_topk=2, moe_layer_freq=[0, 1, 0, 1])
+    block = mh.get_decoder_block_spec(cfg, "hybridnorm_star", use_transformer_engine=True)
+    kinds = ["moe" if te_slots(l)["fc"] == ("moe",) else "dense" for l in block.layer_specs]
+    assert kinds == ["dense", "moe", "dense", "moe"]
+    # block 0 is Pre-Norm and dense: both norms fused into TE linears
+    assert te_slots(block.layer_specs[0])["qkv"] is te_ext.TELayerNormColumnParallelLinear
+    assert te_slots(block.layer_specs[0])["pre_mlp"] is IdentityOp
+
+
+def test_te_full_qkv_norm_and_context_parallel_and_fp8_accepted(te_available):
+    cfg = tiny_config(context_parallel_size=2)
+    mh.get_decoder_block_spec(cfg, "hybridnorm", use_transformer_engine=True, qkv_norm="full")
+    cfg = tiny_config(fp8="hybrid", fp8_recipe="tensorwise")
+    mh.get_decoder_block_spec(cfg, "hybridnorm_star", use_transformer_engine=True)
+
+
+def test_fp8_on_the_local_backend_is_refused():
+    with pytest.raises(mh.SchemeConfigError, match="use_transformer_engine=True"):
+        mh.get_decoder_block_spec(tiny_config(fp8="hybrid"), "hybridnorm")
+
+
+@pytest.mark.skipif(te_ext.HAVE_TE, reason="Transformer Engine is installed")
+def test_te_backend_without_te_is_a_clear_error():
+    with pytest.raises(mh.SchemeConfigError, match=r"pip install 'megatron-hybridnorm\[te\]'"):
+        mh.get_decoder_block_spec(tiny_config(), "hybridnorm", use_transformer_engine=True)
+    with pytest.raises(mh.SchemeConfigError, match="needs Transformer Engine"):
+        mh.get_layer_spec("prenorm", use_transformer_engine=True)
+
+
+def test_as_post_norm_keeps_parameters_and_returns_output_as_residual():
+    norm = torch.nn.RMSNorm(8)
+    weight = norm.weight
+    post = as_post_norm(norm)
+    out, residual = post(torch.randn(3, 8))
+    assert out is residual and post.weight is weight and post.returns_residual
+    assert [n for n, _ in post.named_parameters()] == ["weight"]
+    assert isinstance(post, torch.nn.RMSNorm)
+
+
+# ---- runtime: TE spec against the local spec, same weights (GPU + TE only) -------------------
+
+def _te_name(name):
+    """Local parameter names to the TE spec's names for fused pre-norms."""
+    return (name.replace("input_layernorm.", "self_attention.linear_qkv.layer_norm_")
+            .replace("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAVE_TE_AND_GPU, reason="needs Transformer Engine and a CUDA device")
+@pytest.mark.parametrize("recipe", [None, "delayed", "tensorwise"])
+@pytest.mark.parametrize("scheme", ["hybridnorm", "hybridnorm_star", "prenorm"])
+def test_te_backend_matches_local_backend(megatron_single_rank, scheme, recipe):
+    from megatron.core.models.gpt import GPTModel
+
+    from helpers import SEQ, VOCAB, batch, randomize_norms
+
+    def build(te, **kw):
+        cfg = tiny_config(hidden_size=128, num_attention_heads=4, ffn_hidden_size=256,
+                          bf16=True, params_dtype=torch.bfloat16, **kw)
+        spec = mh.get_decoder_block_spec(cfg, scheme, use_transformer_engine=te)
+        return GPTModel(config=cfg, transformer_layer_spec=spec, vocab_size=VOCAB,
+                        max_sequence_length=SEQ, position_embedding_type="rope").cuda()
+
+    torch.manual_seed(0)
+    local = build(False)
+    randomize_norms(local)
+    fp8 = dict(fp8="hybrid", fp8_recipe=recipe) if recipe else {}
+    te = build(True, **fp8)
+    te_params = dict(te.named_parameters())
+    with torch.no_grad():
+        for name, p in local.named_parameters():
+            te_params[_te_name(name) if _te_name(name) in te_params else name].copy_(p)
+    tokens, labels, pos = (t.cuda() for t in batch())
+    outs = []
+    for model in (local, te):
+        loss = model(tokens, pos, None, labels=labels).float().mean()
+        loss.backward()
+        outs.append((loss.item(), {n: p.grad.float() for n, p in model.named_parameters()}))
+    (l_loss, l_grads), (t_loss, t_grads) = outs
+    tol = 0.05 if recipe else 0.02  # FP8 linears: ~4% relative error on random data
+    assert abs(l_loss - t_loss) <= tol * abs(l_loss)
+    for name, g in l_grads.items():
+        tg = t_grads[_te_name(name) if _te_name(name) in t_grads else name]
+        assert ((tg - g).norm() / g.norm()).item() < 3 * tol, name
