@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from helpers import batch, build_gpt, gather_full, randomize_norms, tiny_config
+from megatron_hybridnorm.layout_init import global_name, layout_invariant_init
 
 
 def _setup_training(model, config, lr=3e-3, distributed_optimizer=False):
@@ -46,15 +47,18 @@ def train_case(case: dict, steps: int = 3) -> dict:
     from megatron.core.distributed import finalize_model_grads
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
+    ep = parallel_state.get_expert_model_parallel_world_size()
     config = tiny_config(
         tensor_model_parallel_size=tp,
+        expert_model_parallel_size=ep,
         sequence_parallel=case.get("sp", False) and tp > 1,
         num_query_groups=case.get("groups", 2),
         qk_layernorm=case.get("qk_layernorm", False),
+        **case.get("config", {}),
     )
-    torch.manual_seed(0)  # the same master weights at every TP size
     options = {"qkv_norm": case["qkv_norm"]} if case.get("qkv_norm", "head") != "head" else {}
     model = build_gpt(config, case["scheme"], **options)
+    layout_invariant_init(model, config, seed=0)  # the same weights at every layout
     randomize_norms(model)
     if case.get("break_v_norm_sync"):
         _break_v_norm_sync(model)
@@ -68,7 +72,8 @@ def train_case(case: dict, steps: int = 3) -> dict:
         loss.backward()
         finalize_model_grads([ddp])
         if step == 0:
-            grads = {n: gather_full(p, p.main_grad) for n, p in model.named_parameters()}
+            grads = {global_name(model, n, p): gather_full(p, p.main_grad)
+                     for n, p in model.named_parameters()}
         opt.step()
         losses.append(loss.item())
 
@@ -79,8 +84,8 @@ def train_case(case: dict, steps: int = 3) -> dict:
             copies = [torch.empty_like(p) for _ in range(tp)]
             torch.distributed.all_gather(copies, p.detach().contiguous(), group=group)
             identical &= all(torch.equal(c, copies[0]) for c in copies)
-    rank = torch.distributed.get_rank()
-    return {"losses": losses, "grads": grads if rank == 0 else None, "norms_identical": identical}
+    keep = torch.distributed.get_rank() == 0 or ep > 1  # EP ranks hold different experts
+    return {"losses": losses, "grads": grads if keep else None, "norms_identical": identical}
 
 
 def train_cases(cases: list[dict], steps: int = 3) -> list[dict]:

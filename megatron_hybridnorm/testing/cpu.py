@@ -10,6 +10,8 @@ is available. It is for tests and CPU demos, not for production runs.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 _PATCHED = False
@@ -78,6 +80,12 @@ def _clip_grads(parameters, max_norm, total_norm, use_decoupled_grad=False):
             g.mul_(coeff)
 
 
+def _to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+    if as_numpy and torch.is_tensor(tensor):
+        return tensor.numpy()
+    return tensor
+
+
 def use_cpu() -> bool:
     """Patch megatron-core's CUDA assumptions when there is no GPU. Returns True if patched."""
     global _PATCHED
@@ -93,6 +101,7 @@ def use_cpu() -> bool:
     torch.cuda.Stream = lambda *a, **k: _CpuStream()
     torch.cuda.Event = lambda *a, **k: _CpuEvent()
     torch.cuda.synchronize = lambda device=None: None
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
     torch.cuda.get_rng_state = lambda device="cuda": cpu_rng.get_rng_state()
     torch.cuda.set_rng_state = lambda state, device="cuda": cpu_rng.set_rng_state(state)
     torch.cuda.manual_seed = lambda seed: None
@@ -128,5 +137,11 @@ def use_cpu() -> bool:
     from megatron.core.optimizer import optimizer as moptimizer
 
     moptimizer.clip_grad_by_total_norm_fp32 = _clip_grads
+    # MoE token dispatch: split sizes become numpy arrays only when moved off a GPU, and
+    # all_to_all_single does not take tensors.
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    moe_utils.maybe_move_tensor_to_cpu = _to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = _to_cpu
     _PATCHED = True
     return True

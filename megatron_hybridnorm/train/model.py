@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import apply_small_init, get_decoder_block_spec
+from ..layout_init import layout_invariant_init
 
 
 def transformer_config(args):
@@ -32,7 +33,7 @@ def transformer_config(args):
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         bf16=bf16,
-        use_cpu_initialization=True,  # the same weights at any TP/PP size, for comparisons
+        use_cpu_initialization=True,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         gradient_accumulation_fusion=False,
@@ -67,7 +68,8 @@ def build(args, scheme: str, vocab_size: int):
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
     )
-    reinit_by_name(model, config, args.seed)
+    # the same weights at any TP/PP layout, so that parallel runs compare with one-rank runs
+    layout_invariant_init(model, config, args.seed)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     if config.bf16:
@@ -107,60 +109,6 @@ def build(args, scheme: str, vocab_size: int):
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = ddp.no_sync
     return ddp, optimizer, scheduler, config
-
-
-def reinit_by_name(model, config, seed: int) -> None:
-    """Draw every weight matrix from a generator seeded by its global name, at full size, then
-    keep this rank's shard: the same model at any TP and PP layout, so that parallel runs can be
-    compared with one-rank runs. (Megatron's CPU init is TP-invariant, but each pipeline stage
-    restarts the random stream.) Norms keep their init (ones)."""
-    from megatron.core import parallel_state
-
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    rank = parallel_state.get_tensor_model_parallel_rank()
-    tied = model.share_embeddings_and_output_weights
-    names = {}
-    for layer in getattr(model.decoder, "layers", []):
-        names[id(layer)] = f"decoder.layers.{layer.layer_number - 1}."
-    with torch.no_grad():
-        for module in model.modules():
-            prefix = names.get(id(module))
-            if prefix is None:
-                continue
-            for pname, p in module.named_parameters():
-                if "layernorm" not in pname:
-                    _draw(p, prefix + pname, config, seed, tp, rank)
-        for pname, p in model.named_parameters():
-            if pname.startswith("embedding.") or pname.startswith("output_layer."):
-                key = "embedding.word_embeddings.weight" if tied else pname
-                _draw(p, key, config, seed, tp, rank)
-
-
-def _draw(p, name, config, seed, tp, rank):
-    import zlib
-
-    if name.endswith(".bias"):
-        p.zero_()  # as Megatron initializes biases
-        return
-    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
-        init = config.output_layer_init_method
-    elif name.startswith("embedding."):
-        init = config.embedding_init_method
-    else:
-        init = config.init_method
-    shape = list(p.shape)
-    parallel = getattr(p, "tensor_model_parallel", False)
-    if parallel:
-        shape[p.partition_dim] *= tp
-    full = torch.empty(shape, dtype=torch.float32)
-    with torch.random.fork_rng(devices=[]):  # Megatron's init methods draw from the global RNG
-        torch.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
-        init(full)
-    if parallel:
-        stride = getattr(p, "partition_stride", 1)
-        chunks = full.chunk(tp * stride, dim=p.partition_dim)
-        full = torch.cat(chunks[rank::tp], dim=p.partition_dim)
-    p.copy_(full)
 
 
 def scheme_options(args, scheme: str) -> dict:
