@@ -53,7 +53,8 @@ def backend(use_transformer_engine: bool) -> Backend:
     if not HAVE_TE:
         raise SchemeConfigError(
             "use_transformer_engine=True needs Transformer Engine, which is not installed: "
-            "pip install 'megatron-hybridnorm[te]', or build with use_transformer_engine=False"
+            "pip install 'megatron-hybridnorm[te]', or build with use_transformer_engine=False "
+            "(in Megatron-LM: --transformer-impl local)"
         )
     from megatron.core.extensions.transformer_engine import TEDotProductAttention, TENorm
     from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider

@@ -1,0 +1,92 @@
+"""Entry points for Megatron-LM: ``pretrain_gpt.py --spec megatron_hybridnorm.entrypoints <scheme>``.
+
+One callable per scheme. megatron-core 0.19's ``GPTModelBuilder`` calls it as
+``fn(config, vp_stage=vp_stage)`` with a ``GPTModelConfig``; it returns this stage's block spec,
+on Transformer Engine or local modules as ``--transformer-impl`` says.
+
+Scheme options come from the environment, because ``--spec`` passes no arguments:
+
+    HYBRIDNORM_QKV_NORM=full         Q/K/V norms over all heads (default: head, the paper's)
+    HYBRIDNORM_MIXLN_FRACTION=0.5    Mix-LN's fraction of Post-Norm layers (default 0.25)
+
+An option that does not apply to the chosen scheme is reported on rank 0 and not used, so one
+environment can serve a HybridNorm run and its Pre-Norm baseline. Megatron-LM 0.19 logs an
+import failure of a ``--spec`` module and silently builds its default Pre-Norm model: look for
+the line ``megatron-hybridnorm: built ...`` at start-up, or check a checkpoint with
+``python -m megatron_hybridnorm.inspect CHECKPOINT``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .schemes import SCHEMES, get_scheme
+from .specs import get_decoder_block_spec
+
+ENV_OPTIONS = {
+    "HYBRIDNORM_QKV_NORM": ("qkv_norm", str),
+    "HYBRIDNORM_MIXLN_FRACTION": ("mixln_fraction", float),
+}
+
+
+def options_from_env(scheme: str, environ=os.environ) -> tuple[dict, list[str]]:
+    """(options for ``scheme``, notes about environment options it does not use)."""
+    unknown = [k for k in environ if k.startswith("HYBRIDNORM_") and k not in ENV_OPTIONS]
+    if unknown:
+        raise ValueError(f"unknown {', '.join(sorted(unknown))}; megatron-hybridnorm reads "
+                         f"{', '.join(ENV_OPTIONS)}")
+    s = get_scheme(scheme)
+    applies = {"qkv_norm": s.has_head_norms, "mixln_fraction": s.head_fraction is not None}
+    options, notes = {}, []
+    for var, (option, cast) in ENV_OPTIONS.items():
+        if var not in environ:
+            continue
+        try:
+            value = cast(environ[var])
+        except ValueError:
+            raise ValueError(f"{var}={environ[var]!r} is not a {cast.__name__}") from None
+        if applies[option]:
+            options[option] = value
+        else:
+            notes.append(f"{var} does not apply to {scheme} and is not used")
+    return options, notes
+
+
+def _rank0() -> bool:
+    import torch
+
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def _make(scheme: str):
+    def build(config, vp_stage: int | None = None):
+        use_te = getattr(config, "transformer_impl", "transformer_engine") == "transformer_engine"
+        options, notes = options_from_env(scheme)
+        spec = get_decoder_block_spec(
+            config, scheme, use_transformer_engine=use_te, vp_stage=vp_stage, **options
+        )
+        if _rank0():
+            shown = ", ".join(f"{k}={v}" for k, v in options.items())
+            print(f"megatron-hybridnorm: built {scheme}"
+                  f"{f' ({shown})' if shown else ''} on "
+                  f"{'transformer_engine' if use_te else 'local'} modules, "
+                  f"{len(spec.layer_specs)} layers on this stage"
+                  f"{'' if vp_stage is None else f' (vp_stage {vp_stage})'}", flush=True)
+            for note in notes:
+                print(f"megatron-hybridnorm: {note}", flush=True)
+        return spec
+
+    build.__name__ = build.__qualname__ = scheme
+    build.__doc__ = f"Megatron-LM --spec entry point for {scheme}: {get_scheme(scheme).summary}"
+    return build
+
+
+prenorm = _make("prenorm")
+postnorm = _make("postnorm")
+prenorm_qknorm = _make("prenorm_qknorm")
+mixln = _make("mixln")
+hybridnorm = _make("hybridnorm")
+hybridnorm_star = _make("hybridnorm_star")
+
+assert set(SCHEMES) == {f.__name__ for f in (prenorm, postnorm, prenorm_qknorm, mixln,
+                                             hybridnorm, hybridnorm_star)}

@@ -1,0 +1,186 @@
+"""Which norm scheme does a model or a checkpoint actually have?
+
+Megatron-LM 0.19 builds its default Pre-Norm model when a ``--spec`` module fails to import, and
+only logs it. This reads the norm parameters a model or a dist checkpoint holds, layer by layer,
+and names the scheme they form:
+
+    python -m megatron_hybridnorm.inspect CHECKPOINT_DIR
+
+CHECKPOINT_DIR may be a Megatron-LM save folder (with ``latest_checkpointed_iteration.txt``), an
+``iter_*`` folder, or a ``hybridnorm-train`` checkpoint folder. In Python: ``detect_scheme(model)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .schemes import SCHEMES, LayerNorms, get_scheme
+
+_LAYER = re.compile(r"^decoder\.layers\.(?:(\d+)\.)?(.+)$")
+
+
+def layer_norm_keys(lay: LayerNorms, moe: bool) -> frozenset[str]:
+    """The checkpoint names of a layer's norm weights (Megatron stores a pre-norm that TE
+    would fuse into the next linear under that linear's name, on either backend)."""
+    keys = set()
+    if lay.input:
+        keys.add("self_attention.linear_qkv.layer_norm_weight")
+    for n in "qkv":
+        if getattr(lay, n):
+            keys.add(f"self_attention.{n}_layernorm.weight")
+    if lay.pre_mlp:
+        fused = not lay.pre_mlp_is_residual and not moe
+        keys.add("mlp.linear_fc1.layer_norm_weight" if fused else "pre_mlp_layernorm.weight")
+    if lay.post_mlp:
+        keys.add("post_mlp_layernorm.weight")
+    return frozenset(keys)
+
+
+def _is_norm_weight(rest: str) -> bool:
+    return rest.endswith("layernorm.weight") or rest.endswith("layer_norm_weight")
+
+
+@dataclass
+class Finding:
+    scheme: str | None
+    num_layers: int
+    qkv_norm: str | None = None
+    mixln_fraction: float | None = None
+    layers: list[frozenset[str]] | None = None
+
+    def __str__(self) -> str:
+        if self.scheme is None:
+            lines = [f"no known scheme matches these {self.num_layers} layers' norms:"]
+            lines += [f"  layer {i}: {', '.join(sorted(k)) or 'none'}"
+                      for i, k in enumerate(self.layers or [])]
+            return "\n".join(lines)
+        extra = []
+        if self.qkv_norm:
+            extra.append(f"qkv_norm={self.qkv_norm}")
+        if self.mixln_fraction is not None:
+            extra.append(f"{round(self.mixln_fraction * self.num_layers)} Post-Norm layers")
+        shown = f" ({', '.join(extra)})" if extra else ""
+        return (f"scheme: {self.scheme}{shown}, {self.num_layers} layers\n"
+                f"  {get_scheme(self.scheme).summary}")
+
+
+def match(layers: list[frozenset[str]], moe: list[bool]) -> tuple[str | None, float | None]:
+    """The first scheme (in SCHEMES order) whose layouts give exactly these norm keys."""
+    n = len(layers)
+    for name in SCHEMES:
+        s = get_scheme(name)
+        fractions = [None] if s.head_fraction is None else [k / n for k in range(n + 1)]
+        for f in fractions:
+            expected = [layer_norm_keys(lay, m) for lay, m in zip(s.layouts(n, f), moe)]
+            if expected == layers:
+                return name, f
+    return None, None
+
+
+def _qkv_norm(widths: dict[str, int]) -> str | None:
+    q, proj_in = widths.get("self_attention.q_layernorm.weight"), widths.get("proj_in")
+    if q is None:
+        return None
+    return "full" if proj_in and q == proj_in else "head"  # all heads' width, or one head's
+
+
+def detect_from_keys(shapes: dict[str, tuple]) -> Finding:
+    """From global dist-checkpoint keys (optimizer entries ignored) and their shapes."""
+    per_layer: dict[int, set[str]] = {}
+    stacked: set[str] = set()
+    moe_layers: set[int] = set()
+    stacked_moe = False
+    num_layers = 0
+    widths = {}
+    for key, shape in shapes.items():
+        m = _LAYER.match(key)
+        if not m:
+            continue
+        index, rest = m.group(1), m.group(2)
+        if index is None:
+            num_layers = max(num_layers, shape[0]) if shape else num_layers
+        if rest.startswith("mlp.router."):
+            if index is None:
+                stacked_moe = True
+            else:
+                moe_layers.add(int(index))
+        if rest == "self_attention.linear_proj.weight" and shape:
+            widths["proj_in"] = shape[-1]
+        if rest == "self_attention.q_layernorm.weight" and shape:
+            widths[rest] = shape[-1]
+        if _is_norm_weight(rest):
+            (stacked.add(rest) if index is None else
+             per_layer.setdefault(int(index), set()).add(rest))
+        elif index is not None:
+            per_layer.setdefault(int(index), set())
+    if per_layer:
+        num_layers = max(num_layers, max(per_layer) + 1)
+    layers = [frozenset(stacked | per_layer.get(i, set())) for i in range(num_layers)]
+    moe = [stacked_moe or i in moe_layers for i in range(num_layers)]
+    scheme, fraction = match(layers, moe)
+    return Finding(scheme, num_layers, _qkv_norm(widths) if scheme else None,
+                   fraction if scheme == "mixln" else None, layers)
+
+
+def detect_scheme(model) -> Finding:
+    """The scheme of a live GPTModel (or a list of its pipeline/virtual-pipeline chunks on this
+    rank; a rank sees only its own stages' layers)."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    shapes = {}
+    for chunk in chunks:
+        while not hasattr(chunk, "decoder") and hasattr(chunk, "module"):
+            chunk = chunk.module  # DDP, Float16Module
+        for layer in chunk.decoder.layers:
+            keys_map = layer.submodules_config.sharded_state_dict_keys_map
+            prefix = f"decoder.layers.{layer.layer_number - 1}."
+            for name, p in layer.named_parameters():
+                for old, new in keys_map.items():
+                    if name.startswith(old):
+                        name = new + name[len(old):]
+                shapes[prefix + name] = tuple(p.shape)
+    return detect_from_keys(shapes)
+
+
+def checkpoint_folder(path: Path) -> Path:
+    """The folder holding the dist checkpoint's ``.metadata``."""
+    if (path / ".metadata").is_file():
+        return path
+    tracker = path / "latest_checkpointed_iteration.txt"  # Megatron-LM save folder
+    if tracker.is_file():
+        it = tracker.read_text().strip()
+        return checkpoint_folder(path / ("release" if it == "release" else f"iter_{int(it):07d}"))
+    latest = path / "latest"  # hybridnorm-train
+    if latest.is_file():
+        return checkpoint_folder(path / latest.read_text().strip())
+    raise FileNotFoundError(f"{path} is not a dist checkpoint (no .metadata, "
+                            "latest_checkpointed_iteration.txt or latest)")
+
+
+def detect_checkpoint(path: str | Path) -> Finding:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(str(checkpoint_folder(Path(path)))).read_metadata()
+    shapes = {k: tuple(getattr(v, "size", ()) or ()) for k, v in meta.state_dict_metadata.items()
+              if not k.startswith("optimizer.")}
+    return detect_from_keys(shapes)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m megatron_hybridnorm.inspect",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", help="a dist checkpoint folder")
+    args = p.parse_args(argv)
+    try:
+        finding = detect_checkpoint(args.checkpoint)
+    except (FileNotFoundError, OSError) as e:
+        p.exit(2, f"error: {e}\n")
+    print(finding)
+    return 0 if finding.scheme else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

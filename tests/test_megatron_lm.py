@@ -1,0 +1,100 @@
+"""Megatron-LM integration: the --spec entry points called as megatron-core 0.19 calls them, and
+the scheme inspector on models and dist checkpoints."""
+
+import pytest
+import torch
+
+import megatron_hybridnorm as mh
+from megatron_hybridnorm import entrypoints
+from megatron_hybridnorm.inspect import detect_checkpoint, detect_scheme, main as inspect_main
+from helpers import SEQ, VOCAB, batch, build_gpt, tiny_config
+from test_moe import MOE
+
+
+def build_like_megatron_lm(scheme, **config):
+    """What pretrain_gpt.py does with --spec megatron_hybridnorm.entrypoints <scheme>."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.spec_utils import import_module
+    from megatron.training.models.gpt import GPTModelBuilder, GPTModelConfig
+
+    spec_fn = import_module(("megatron_hybridnorm.entrypoints", scheme))
+    cfg = GPTModelConfig(transformer=tiny_config(**config), transformer_layer_spec=spec_fn,
+                         vocab_size=VOCAB, seq_length=SEQ, position_embedding_type="rope")
+    return GPTModelBuilder(cfg).build_model(ProcessGroupCollection.use_mpu_process_groups(),
+                                            vp_stage=None)
+
+
+@pytest.mark.parametrize("scheme", mh.SCHEMES)
+def test_entry_point_builds_a_gpt_model_as_megatron_calls_it(megatron_single_rank, capsys, scheme):
+    model = build_like_megatron_lm(scheme, transformer_impl="local")
+    tokens, labels, pos = batch()
+    assert torch.isfinite(model(tokens, pos, None, labels=labels)).all()
+    assert f"megatron-hybridnorm: built {scheme} on local modules, 4 layers" in capsys.readouterr().out
+    assert detect_scheme(model).scheme == scheme
+
+
+def test_entry_point_options_from_the_environment(megatron_single_rank, monkeypatch, capsys):
+    monkeypatch.setenv("HYBRIDNORM_QKV_NORM", "full")
+    model = build_like_megatron_lm("hybridnorm_star", transformer_impl="local")
+    assert "(qkv_norm=full)" in capsys.readouterr().out
+    assert detect_scheme(model).qkv_norm == "full"
+    build_like_megatron_lm("prenorm", transformer_impl="local")  # one env for the baseline too
+    assert "HYBRIDNORM_QKV_NORM does not apply to prenorm" in capsys.readouterr().out
+    monkeypatch.setenv("HYBRIDNORM_MIXLN_FRACTION", "0.5")
+    finding = detect_scheme(build_like_megatron_lm("mixln", transformer_impl="local"))
+    assert finding.scheme == "mixln" and finding.mixln_fraction == 0.5
+
+
+def test_entry_point_refuses_unknown_or_bad_environment(monkeypatch):
+    monkeypatch.setenv("HYBRIDNORM_QKVNORM", "full")
+    with pytest.raises(ValueError, match="unknown HYBRIDNORM_QKVNORM"):
+        entrypoints.hybridnorm(tiny_config(transformer_impl="local"))
+    monkeypatch.delenv("HYBRIDNORM_QKVNORM")
+    monkeypatch.setenv("HYBRIDNORM_MIXLN_FRACTION", "a quarter")
+    with pytest.raises(ValueError, match="is not a float"):
+        entrypoints.mixln(tiny_config(transformer_impl="local"))
+
+
+@pytest.mark.skipif(mh.specs.HAVE_TE, reason="Transformer Engine is installed")
+def test_entry_point_on_te_impl_without_te_names_the_flag():
+    # TransformerConfig's (and Megatron-LM's) default transformer_impl is transformer_engine
+    with pytest.raises(mh.SchemeConfigError, match="--transformer-impl local"):
+        entrypoints.hybridnorm(tiny_config())
+
+
+def test_entry_points_cover_every_scheme():
+    for s in mh.SCHEMES:
+        assert getattr(entrypoints, s).__name__ == s
+
+
+@pytest.mark.parametrize("scheme,moe", [(s, False) for s in mh.SCHEMES]
+                         + [("hybridnorm_star", True), ("prenorm", True), ("hybridnorm", True)])
+def test_inspect_names_the_scheme_of_a_checkpoint(megatron_single_rank, tmp_path, scheme, moe):
+    from megatron.core import dist_checkpointing
+
+    model = build_gpt(tiny_config(**(MOE if moe else {})), scheme)
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp_path))
+    finding = detect_checkpoint(tmp_path)
+    assert finding.scheme == scheme and finding.num_layers == 4
+    assert detect_scheme(model).scheme == scheme
+
+
+def test_inspect_shows_megatrons_silent_fallback_as_prenorm(megatron_single_rank, tmp_path, capsys):
+    """The model Megatron-LM builds when a --spec import fails is its default Pre-Norm."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    cfg = tiny_config()
+    model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(
+        normalization="RMSNorm"), vocab_size=VOCAB, max_sequence_length=SEQ,
+        position_embedding_type="rope")
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp_path))
+    assert inspect_main([str(tmp_path)]) == 0
+    assert capsys.readouterr().out.startswith("scheme: prenorm, 4 layers")
+
+
+def test_inspect_cli_on_a_folder_that_is_no_checkpoint(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        inspect_main([str(tmp_path)])
+    assert e.value.code == 2 and "is not a dist checkpoint" in capsys.readouterr().err
