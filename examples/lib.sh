@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Shared by the launch scripts here: builds Megatron-LM pretrain_gpt.py arguments from the
+# environment and starts one node's processes with torchrun.
+#
+#   MEGATRON_LM   a Megatron-LM checkout at core_v0.19.x (default /opt/Megatron-LM, as in docker/)
+#   GPUS_PER_NODE (8)  NNODES (1)  NODE_RANK (0)  MASTER_ADDR (localhost)  MASTER_PORT (29500)
+#   TP PP EP      tensor / pipeline / expert parallel sizes;  SP=1 sequence parallelism
+#   FP8           off | delayed | tensorwise | mxfp8 | blockwise   (needs IMPL=transformer_engine)
+#   IMPL          transformer_engine (default) | local
+#   DATA_PATH     Megatron indexed dataset prefix(es); unset: --mock-data with a null tokenizer
+#   TOKENIZER_MODEL  Hugging Face tokenizer for DATA_PATH
+#   SAVE          checkpoint folder (default checkpoints/<run name>)
+#   TRAIN_ITERS   override the paper's iteration count (e.g. 20 for a smoke test)
+#   DRY_RUN=1     print the torchrun line (as a # comment), then the pretrain_gpt.py arguments one
+#                 per line, and start nothing
+#   HYBRIDNORM_QKV_NORM, HYBRIDNORM_MIXLN_FRACTION   scheme options (see the top-level README)
+set -euo pipefail
+
+: "${MEGATRON_LM:=/opt/Megatron-LM}" "${GPUS_PER_NODE:=8}" "${NNODES:=1}" "${NODE_RANK:=0}"
+: "${MASTER_ADDR:=localhost}" "${MASTER_PORT:=29500}" "${SP:=0}" "${FP8:=off}"
+: "${IMPL:=transformer_engine}"
+
+die() { echo "error: $*" >&2; exit 2; }
+
+# --spec: the scheme's entry point; the only flag that differs between a scheme and its baseline
+spec_args() {
+  case "$1" in
+    prenorm|postnorm|prenorm_qknorm|mixln|hybridnorm|hybridnorm_star) ;;
+    *) die "unknown scheme '$1'" ;;
+  esac
+  ARGS+=(--spec megatron_hybridnorm.entrypoints "$1")
+}
+
+parallel_args() {
+  ARGS+=(--tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
+         --use-distributed-optimizer)
+  if [ "${EP:-1}" != 1 ]; then ARGS+=(--expert-model-parallel-size "$EP"); fi
+  if [ "$SP" = 1 ]; then
+    [ "$TP" -gt 1 ] || die "SP=1 needs TP > 1"
+    ARGS+=(--sequence-parallel)
+  fi
+}
+
+impl_args() {
+  case "$IMPL" in
+    transformer_engine) ARGS+=(--transformer-impl transformer_engine) ;;
+    # without TE: Megatron-LM's defaults would ask for TE's RoPE and wgrad fusions
+    local) ARGS+=(--transformer-impl local --no-rope-fusion --no-gradient-accumulation-fusion) ;;
+    *) die "IMPL is transformer_engine or local, not '$IMPL'" ;;
+  esac
+  case "$FP8" in
+    off) ;;
+    delayed) ARGS+=(--fp8-format hybrid --fp8-recipe delayed --fp8-amax-history-len 1024
+                    --fp8-amax-compute-algo max) ;;
+    tensorwise) ARGS+=(--fp8-format hybrid --fp8-recipe tensorwise) ;;
+    mxfp8|blockwise) ARGS+=(--fp8-format e4m3 --fp8-recipe "$FP8") ;;
+    *) die "FP8 is off, delayed, tensorwise, mxfp8 or blockwise, not '$FP8'" ;;
+  esac
+  if [ "$FP8" != off ] && [ "$IMPL" != transformer_engine ]; then
+    die "FP8=$FP8 needs IMPL=transformer_engine"
+  fi
+}
+
+data_args() {  # $1: vocabulary size of the tokenizer
+  if [ -n "${DATA_PATH:-}" ]; then
+    [ -n "${TOKENIZER_MODEL:-}" ] || die "DATA_PATH needs TOKENIZER_MODEL"
+    # shellcheck disable=SC2206  # DATA_PATH may list several weighted prefixes
+    ARGS+=(--data-path $DATA_PATH --split 99990,8,2
+           --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$TOKENIZER_MODEL")
+  else
+    ARGS+=(--mock-data --tokenizer-type NullTokenizer --vocab-size "$1")
+  fi
+}
+
+output_args() {  # $1: run name
+  ARGS+=(--save "${SAVE:-checkpoints/$1}" --load "${SAVE:-checkpoints/$1}" --ckpt-format torch_dist
+         --save-interval 2000 --eval-interval 1000 --eval-iters 10 --log-interval 10)
+}
+
+launch() {
+  local torchrun=(torchrun --nproc-per-node "$GPUS_PER_NODE" --nnodes "$NNODES"
+                  --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
+  if [ "${DRY_RUN:-0}" = 1 ]; then
+    echo "# ${torchrun[*]} pretrain_gpt.py"
+    printf '%s\n' "${ARGS[@]}"
+    return
+  fi
+  [ -f "$MEGATRON_LM/pretrain_gpt.py" ] || die "MEGATRON_LM=$MEGATRON_LM has no pretrain_gpt.py"
+  export CUDA_DEVICE_MAX_CONNECTIONS=1
+  cd "$MEGATRON_LM"
+  exec "${torchrun[@]}" pretrain_gpt.py "${ARGS[@]}"
+}

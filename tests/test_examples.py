@@ -1,0 +1,155 @@
+"""The Megatron-LM launch scripts in examples/: every variant's arguments are parsed and
+validated by megatron-core 0.19's own Megatron-LM argument parser, and the SLURM scripts start
+one correctly ranked torchrun per node."""
+
+import argparse
+import os
+import stat
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+def dry_run(script, *args, **env):
+    out = subprocess.run(["bash", str(EXAMPLES / script), *args], capture_output=True, text=True,
+                         env={**os.environ, "DRY_RUN": "1", **env})
+    return out
+
+
+def pretrain_args(script, *args, **env):
+    out = dry_run(script, *args, **env)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("# torchrun ")
+    return lines[0], lines[1:]
+
+
+def validated(argv, world_size, monkeypatch):
+    """Megatron-LM's parse_args + validate_args, on a pretend H100 (they query the device)."""
+    from megatron.training.arguments import add_megatron_arguments, validate_args
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda *a: SimpleNamespace(major=9, minor=0, name="pretend H100"))
+    # launch() exports this before torchrun, as Megatron-LM requires with TP
+    assert "export CUDA_DEVICE_MAX_CONNECTIONS=1" in (EXAMPLES / "lib.sh").read_text()
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    parser = add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False))
+    args = parser.parse_args(argv)  # an unknown or malformed flag exits here
+    args.rank, args.world_size = 0, world_size
+    args._is_global_batch_size_explicitly_specified = True
+    validate_args(args, {})
+    return args
+
+
+DENSE = [
+    ({}, 8),
+    ({"TP": "2", "SP": "1"}, 8),
+    ({"PP": "2"}, 8),
+    ({"FP8": "delayed"}, 8),
+    ({"FP8": "tensorwise"}, 8),
+    ({"FP8": "mxfp8"}, 8),
+    ({"FP8": "blockwise"}, 8),
+    ({"IMPL": "local"}, 8),
+    ({"DATA_PATH": "/data/dolma_text_document", "TOKENIZER_MODEL": "some/tokenizer"}, 8),
+    ({"TP": "2", "PP": "2", "SP": "1", "FP8": "tensorwise"}, 32),
+]
+
+
+@pytest.mark.parametrize("env,world", DENSE, ids=[str(e) for e, _ in DENSE])
+def test_dense_1p2b_variants_are_valid_megatron_lm_arguments(monkeypatch, env, world):
+    _, argv = pretrain_args("train_dense_1p2b.sh", **env)
+    args = validated(argv, world, monkeypatch)
+    assert args.spec == ["megatron_hybridnorm.entrypoints", "hybridnorm_star"]
+    # the paper's dense 1.2B configuration
+    assert (args.num_layers, args.hidden_size, args.num_attention_heads, args.num_query_groups,
+            args.ffn_hidden_size, args.seq_length) == (16, 2048, 32, 8, 8192, 4096)
+    assert args.rotary_base == 500000 and args.swiglu and args.normalization == "RMSNorm"
+    assert args.lr == 3e-4 and args.global_batch_size == 1024 and args.train_iters == 238419
+    assert not args.untie_embeddings_and_output_weights
+    assert args.tensor_model_parallel_size == int(env.get("TP", 1))
+    assert args.pipeline_model_parallel_size == int(env.get("PP", 1))
+    assert args.sequence_parallel == (env.get("SP") == "1")
+    assert args.fp8_recipe == env.get("FP8", args.fp8_recipe)
+    assert (args.fp8 is not None) == ("FP8" in env)
+    assert args.transformer_impl == env.get("IMPL", "transformer_engine")
+
+
+MOE = [({}, 8), ({"EP": "4"}, 8), ({"FP8": "tensorwise"}, 16), ({"TP": "2", "SP": "1"}, 16)]
+
+
+@pytest.mark.parametrize("env,world", MOE, ids=[str(e) for e, _ in MOE])
+def test_moe_1b7b_variants_are_valid_megatron_lm_arguments(monkeypatch, env, world):
+    _, argv = pretrain_args("train_moe_1b7b.sh", **env)
+    args = validated(argv, world, monkeypatch)
+    assert args.spec == ["megatron_hybridnorm.entrypoints", "hybridnorm_star"]
+    assert (args.num_layers, args.hidden_size, args.num_attention_heads) == (16, 2048, 16)
+    assert (args.num_experts, args.moe_router_topk, args.moe_ffn_hidden_size) == (64, 8, 1024)
+    assert args.moe_aux_loss_coeff == 1e-2 and args.moe_z_loss_coeff == 1e-3
+    assert args.moe_expert_capacity_factor is None  # dropless
+    assert args.untie_embeddings_and_output_weights and args.lr == 4e-4
+    assert args.expert_model_parallel_size == int(env.get("EP", 8))
+
+
+@pytest.mark.parametrize("script", ["train_dense_1p2b.sh", "train_moe_1b7b.sh"])
+def test_baseline_differs_only_in_spec(script):
+    _, star = pretrain_args(script)
+    _, base = pretrain_args(script, "prenorm")
+    diff = [(a, b) for a, b in zip(star, base) if a != b]
+    assert len(star) == len(base)
+    assert diff == [("hybridnorm_star", "prenorm"),
+                    *[(a, b) for a, b in diff[1:] if "checkpoints/" in a]]  # the save folder
+
+
+@pytest.mark.parametrize("env,args,message", [
+    ({"SP": "1"}, [], "SP=1 needs TP > 1"),
+    ({"FP8": "delayed", "IMPL": "local"}, [], "needs IMPL=transformer_engine"),
+    ({"FP8": "fp4"}, [], "FP8 is off, delayed"),
+    ({}, ["hybridnorm_plus"], "unknown scheme 'hybridnorm_plus'"),
+    ({"DATA_PATH": "/x"}, [], "DATA_PATH needs TOKENIZER_MODEL"),
+])
+def test_bad_launch_settings_are_named(env, args, message):
+    out = dry_run("train_dense_1p2b.sh", *args, **env)
+    assert out.returncode == 2 and message in out.stderr
+
+
+def _fake(bin_dir: Path, name: str, body: str):
+    path = bin_dir / name
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+@pytest.mark.parametrize("sbatch,nodes", [("slurm_dense_1p2b.sbatch", 4),
+                                          ("slurm_moe_1b7b.sbatch", 8)])
+def test_slurm_script_starts_one_ranked_torchrun_per_node(tmp_path, sbatch, nodes):
+    """With stand-ins for scontrol and srun: srun runs its command once per node, as SLURM
+    would, with that node's SLURM_NODEID."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _fake(bin_dir, "scontrol", 'printf "gpu-a01\\ngpu-a02\\ngpu-a03\\n"\n')
+    _fake(bin_dir, "srun", '''
+while [ "$1" != bash ]; do shift; done
+for ((n = 0; n < SLURM_NNODES; n++)); do SLURM_NODEID=$n "$@" || exit $?; done
+''')
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "DRY_RUN": "1",
+           "SLURM_SUBMIT_DIR": str(ROOT), "SLURM_JOB_NODELIST": "gpu-a[01-03]",
+           "SLURM_NNODES": str(nodes), "SLURM_GPUS_ON_NODE": "8"}
+    out = subprocess.run(["bash", str(EXAMPLES / sbatch), "prenorm"], capture_output=True,
+                         text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    heads = [l for l in out.stdout.splitlines() if l.startswith("# torchrun")]
+    assert heads == [f"# torchrun --nproc-per-node 8 --nnodes {nodes} --node-rank {n} "
+                     f"--master-addr gpu-a01 --master-port 29500 pretrain_gpt.py"
+                     for n in range(nodes)]
+    assert "megatron_hybridnorm.entrypoints\nprenorm\n" in out.stdout
+
+
+def test_scripts_are_valid_bash():
+    for f in sorted(EXAMPLES.glob("*.sh")) + sorted(EXAMPLES.glob("*.sbatch")):
+        assert subprocess.run(["bash", "-n", str(f)]).returncode == 0, f
