@@ -81,15 +81,17 @@ def match(layers: list[frozenset[str]], moe: list[bool]) -> tuple[str | None, fl
     return None, None
 
 
-def _qkv_norm(widths: dict[str, int]) -> str | None:
-    q, proj_in = widths.get("self_attention.q_layernorm.weight"), widths.get("proj_in")
-    if q is None:
-        return None
-    return "full" if proj_in and q == proj_in else "head"  # all heads' width, or one head's
+@dataclass
+class _Layers:
+    """Each layer's norm weights (checkpoint names) and whether it is an MoE layer."""
+
+    norms: dict[int, frozenset[str]]
+    moe: dict[int, bool]
+    num_layers: int
+    qkv_norm: str | None
 
 
-def detect_from_keys(shapes: dict[str, tuple]) -> Finding:
-    """From global dist-checkpoint keys (optimizer entries ignored) and their shapes."""
+def _collect(shapes: dict[str, tuple]) -> _Layers:
     per_layer: dict[int, set[str]] = {}
     stacked: set[str] = set()
     moe_layers: set[int] = set()
@@ -103,32 +105,39 @@ def detect_from_keys(shapes: dict[str, tuple]) -> Finding:
         index, rest = m.group(1), m.group(2)
         if index is None:
             num_layers = max(num_layers, shape[0]) if shape else num_layers
+        else:
+            per_layer.setdefault(int(index), set())
         if rest.startswith("mlp.router."):
             if index is None:
                 stacked_moe = True
             else:
                 moe_layers.add(int(index))
-        if rest == "self_attention.linear_proj.weight" and shape:
-            widths["proj_in"] = shape[-1]
-        if rest == "self_attention.q_layernorm.weight" and shape:
-            widths[rest] = shape[-1]
+        if rest in ("self_attention.linear_proj.weight", "self_attention.q_layernorm.weight"):
+            widths[rest] = shape[-1] if shape else None
         if _is_norm_weight(rest):
-            (stacked.add(rest) if index is None else
-             per_layer.setdefault(int(index), set()).add(rest))
-        elif index is not None:
-            per_layer.setdefault(int(index), set())
+            (stacked.add(rest) if index is None else per_layer[int(index)].add(rest))
     if per_layer:
         num_layers = max(num_layers, max(per_layer) + 1)
-    layers = [frozenset(stacked | per_layer.get(i, set())) for i in range(num_layers)]
-    moe = [stacked_moe or i in moe_layers for i in range(num_layers)]
-    scheme, fraction = match(layers, moe)
-    return Finding(scheme, num_layers, _qkv_norm(widths) if scheme else None,
+    # a q norm as wide as the attention output spans all heads ("full"), else one head
+    q = widths.get("self_attention.q_layernorm.weight")
+    qkv = None if q is None else (
+        "full" if q == widths.get("self_attention.linear_proj.weight") else "head")
+    indices = range(num_layers) if stacked or not per_layer else sorted(per_layer)
+    return _Layers({i: frozenset(stacked | per_layer.get(i, set())) for i in indices},
+                   {i: stacked_moe or i in moe_layers for i in indices}, num_layers, qkv)
+
+
+def detect_from_keys(shapes: dict[str, tuple]) -> Finding:
+    """From global dist-checkpoint keys (optimizer entries ignored) and their shapes."""
+    c = _collect(shapes)
+    layers = [c.norms.get(i, frozenset()) for i in range(c.num_layers)]
+    scheme, fraction = match(layers, [c.moe.get(i, False) for i in range(c.num_layers)])
+    return Finding(scheme, c.num_layers, c.qkv_norm if scheme else None,
                    fraction if scheme == "mixln" else None, layers)
 
 
-def detect_scheme(model) -> Finding:
-    """The scheme of a live GPTModel (or a list of its pipeline/virtual-pipeline chunks on this
-    rank; a rank sees only its own stages' layers)."""
+def _model_shapes(model) -> dict[str, tuple]:
+    """Global checkpoint names and shapes of the layer parameters of a model on this rank."""
     chunks = model if isinstance(model, (list, tuple)) else [model]
     shapes = {}
     for chunk in chunks:
@@ -142,7 +151,33 @@ def detect_scheme(model) -> Finding:
                     if name.startswith(old):
                         name = new + name[len(old):]
                 shapes[prefix + name] = tuple(p.shape)
-    return detect_from_keys(shapes)
+    return shapes
+
+
+def detect_scheme(model) -> Finding:
+    """The scheme of a live GPTModel (or a list of its pipeline/virtual-pipeline chunks on this
+    rank; a rank sees only its own stages' layers)."""
+    return detect_from_keys(_model_shapes(model))
+
+
+def check_checkpoint(model, path: str | Path) -> None:
+    """Raise ``SchemeMismatchError`` unless every layer this rank holds has the same norms in
+    the checkpoint; call it before loading, so that another scheme is never half loaded."""
+    from .layer import SchemeMismatchError
+
+    saved = detect_checkpoint(path)
+    mine = _collect(_model_shapes(model))
+    for i, keys in mine.norms.items():
+        theirs = saved.layers[i] if saved.layers and i < len(saved.layers) else frozenset()
+        if theirs != keys or (saved.qkv_norm and mine.qkv_norm != saved.qkv_norm):
+            raise SchemeMismatchError(
+                f"checkpoint {path} holds {saved.scheme or 'an unknown scheme'}"
+                f"{f' (qkv_norm={saved.qkv_norm})' if saved.qkv_norm else ''}, "
+                f"{saved.num_layers} layers; this model's layer {i} has the norms "
+                f"{sorted(keys)}{f' (qkv_norm={mine.qkv_norm})' if mine.qkv_norm else ''}, "
+                f"the checkpoint's {sorted(theirs)}. Build the model with the checkpoint's "
+                "scheme, or start from a checkpoint of this one."
+            )
 
 
 def checkpoint_folder(path: Path) -> Path:

@@ -116,6 +116,7 @@ def get_layer_spec(
             keys_map["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
     return ModuleSpec(
         module=HybridTransformerLayer,
+        params={"norms": lay},
         submodules=HybridTransformerLayerSubmodules(
             input_layernorm=b.norm if lay.input and not fuse_input else IdentityOp,
             self_attention=ModuleSpec(

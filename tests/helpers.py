@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 import torch.nn.functional as F
 
@@ -55,15 +57,18 @@ def build_gpt(config, scheme, *, pre_process=True, post_process=True, vp_stage=N
 
 
 def randomize_norms(model, seed=7):
-    """Norm weights that are not 1 (and LayerNorm biases that are not 0), the same at any TP."""
-    g = torch.Generator().manual_seed(seed)
+    """Norm weights that are not 1 (and LayerNorm biases that are not 0), drawn per global
+    parameter name: the same values at any TP/PP layout."""
+    from megatron_hybridnorm.layout_init import global_name
+
     with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
+        for name, p in model.named_parameters():
             if "layernorm" not in name:
                 continue
+            key = global_name(model, name, p)
+            g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
             # draw at full (TP=1) width, then keep this rank's slice for sharded norms
-            full = _full_shape(p)
-            r = torch.randn(full, generator=g, dtype=torch.float32)
+            r = torch.randn(_full_shape(p), generator=g, dtype=torch.float32)
             r = 1.0 + 0.3 * r if name.endswith("weight") else 0.1 * r
             p.copy_(_local_slice(p, r))
 

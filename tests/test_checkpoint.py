@@ -24,3 +24,62 @@ def test_dist_checkpoint_roundtrip(megatron_single_rank, tmp_path, scheme):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def _saved(tmp_path, scheme, **options):
+    from megatron.core import dist_checkpointing
+
+    model = build_gpt(tiny_config(), scheme, **options)
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.parametrize("saved_as,loaded_as", [("hybridnorm", "prenorm"),
+                                                ("hybridnorm_star", "hybridnorm"),
+                                                ("prenorm", "mixln")])
+def test_another_schemes_checkpoint_is_refused_before_loading(megatron_single_rank, tmp_path,
+                                                              saved_as, loaded_as):
+    from megatron.core import dist_checkpointing
+
+    from megatron_hybridnorm.inspect import check_checkpoint
+    from megatron_hybridnorm.layer import SchemeMismatchError
+
+    path = _saved(tmp_path, saved_as)
+    model = build_gpt(tiny_config(), loaded_as)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(SchemeMismatchError, match=f"holds {saved_as}"):
+        check_checkpoint(model, path)
+    # megatron-core's own loader refuses too (missing keys), it does not load a part
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    with pytest.raises((CheckpointException, Exception)):
+        model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(path)))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_qkv_norm_width_mismatch_is_named(megatron_single_rank, tmp_path):
+    from megatron_hybridnorm.inspect import check_checkpoint
+    from megatron_hybridnorm.layer import SchemeMismatchError
+
+    path = _saved(tmp_path, "hybridnorm", qkv_norm="full")
+    with pytest.raises(SchemeMismatchError, match="qkv_norm=full"):
+        check_checkpoint(build_gpt(tiny_config(), "hybridnorm"), path)
+
+
+def test_layers_refuse_a_checkpoint_whose_norms_differ_even_with_equal_names(
+        megatron_single_rank, tmp_path):
+    """Each layer saves its norm layout; a model whose layer differs in a way the parameter
+    names do not show (here: whether the pre-MLP norm's output is the residual) refuses it."""
+    from dataclasses import replace
+
+    from megatron.core import dist_checkpointing
+
+    from megatron_hybridnorm.layer import SchemeMismatchError
+
+    path = _saved(tmp_path, "hybridnorm")
+    model = build_gpt(tiny_config(), "hybridnorm")
+    layer = model.decoder.layers[2]
+    layer.norms = replace(layer.norms, pre_mlp_is_residual=False)
+    state = dist_checkpointing.load(model.sharded_state_dict(), str(path))
+    with pytest.raises(SchemeMismatchError, match="layer 2 of the checkpoint"):
+        model.load_state_dict(state)

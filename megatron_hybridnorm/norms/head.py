@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+)
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
 from .base import NormBase
@@ -107,10 +110,12 @@ class FullWidthNorm(NormBase):
         return y.to(x.dtype).reshape(shape)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
         return make_sharded_tensors_for_checkpoint(
             self.state_dict(prefix="", keep_vars=True),
             prefix,
-            {"weight": 0, "bias": 0},
+            {"weight": 0, "bias": 0},  # sharded over TP like the heads
             sharded_offsets,
-            dp_cp_group=(metadata or {}).get("dp_cp_group"),
+            tp_group=parallel_state.get_tensor_model_parallel_group(),
+            dp_cp_group=metadata["dp_cp_group"],
         )

@@ -66,18 +66,16 @@ def _on_cpu(factory):
     return wrapped
 
 
-def _clip_grads(parameters, max_norm, total_norm, use_decoupled_grad=False):
-    """Scale gradients by min(1, max_norm / total_norm), as Megatron's clip does on CUDA."""
-    attr = "decoupled_grad" if use_decoupled_grad else "grad"
-    grads = [getattr(p, attr, None) for p in parameters]
-    coeff = max_norm / (total_norm + 1.0e-6)
-    if isinstance(coeff, torch.Tensor):
-        coeff = coeff.clamp_max(1.0)
-    elif coeff >= 1.0:
-        return
-    for g in grads:
-        if g is not None:
-            g.mul_(coeff)
+def _type_as_if_cuda(original):
+    """``tensor.type()`` names CPU tensors as CUDA ones (``torch.cuda.FloatTensor``): the
+    optimizers and gradient clipping check those names. With an argument it converts, as usual."""
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and self.device.type == "cpu":
+            return original(self).replace("torch.", "torch.cuda.", 1)
+        return original(self, dtype, non_blocking, **kwargs)
+
+    return type_
 
 
 def _to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
@@ -133,10 +131,7 @@ def use_cpu() -> bool:
     for name in _FACTORIES:
         setattr(torch, name, _on_cpu(getattr(torch, name)))
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
-    # Gradient clipping asserts CUDA tensors before scaling them.
-    from megatron.core.optimizer import optimizer as moptimizer
-
-    moptimizer.clip_grad_by_total_norm_fp32 = _clip_grads
+    torch.Tensor.type = _type_as_if_cuda(torch.Tensor.type)
     # MoE token dispatch: split sizes become numpy arrays only when moved off a GPU, and
     # all_to_all_single does not take tensors.
     from megatron.core.transformer.moe import moe_utils, token_dispatcher

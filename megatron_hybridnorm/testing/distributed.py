@@ -59,6 +59,9 @@ def init_rank(rank: int, world_size: int, port: int, layout: Parallel, seed: int
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
+    from ..dist_ckpt import use_in_process_write_queue
+
+    use_in_process_write_queue()  # ranks are daemonic: no Manager process for checkpoint saves
 
 
 def _worker(rank, world_size, port, layout, seed, fn, args, kwargs, results):

@@ -4,11 +4,12 @@ into place, and only then recorded as the latest, so that a checkpoint reported 
 from __future__ import annotations
 
 import os
-import queue
 import shutil
 from pathlib import Path
 
 import torch
+
+from ..dist_ckpt import use_in_process_write_queue
 
 
 def _barrier():
@@ -27,20 +28,11 @@ def _state(model, optimizer, scheduler, step: int, is_loading: bool = False) -> 
     return state
 
 
-def _in_process_results_queue() -> None:
-    """Our saves are synchronous, so the writer's results need no multiprocessing Manager, whose
-    spawned server process costs seconds at the first save."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if getattr(filesystem_async, "_results_queue", 0) is None:
-        filesystem_async._results_queue = queue.Queue()
-
-
 def save(folder: Path, model, optimizer, scheduler, step: int) -> Path:
     """Save after ``step`` optimizer steps into ``folder/step_<step>``; returns that path."""
     from megatron.core import dist_checkpointing
 
-    _in_process_results_queue()
+    use_in_process_write_queue()
     final = folder / f"step_{step:06d}"
     tmp = folder / f".step_{step:06d}.tmp"
     if _main():
@@ -71,6 +63,9 @@ def load(path: Path, model, optimizer, scheduler) -> int:
     """Restore model, optimizer and LR schedule; returns the step the checkpoint was saved at."""
     from megatron.core import dist_checkpointing
 
+    from ..inspect import check_checkpoint
+
+    check_checkpoint(model, path)
     state = dist_checkpointing.load(
         _state(model, optimizer, scheduler, 0, is_loading=True), str(path)
     )

@@ -24,19 +24,20 @@ class Outcome:
     interrupted_at: int | None = None
 
 
-def _loss_func(output_tensor):
+def loss_func(output_tensor):
     loss = output_tensor.float().mean()
-    return loss, {"lm loss": loss.detach()}
+    # a copy: the schedule divides the returned loss by the number of micro-batches in place
+    return loss, {"lm loss": loss.detach().clone()}
 
 
-def _forward_step(device, data_iterator, model):
+def forward_step(device, data_iterator, model):
     tokens, labels = next(data_iterator)
     tokens, labels = tokens.to(device), labels.to(device)
     position_ids = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
-    return model(tokens, position_ids, None, labels=labels), _loss_func
+    return model(tokens, position_ids, None, labels=labels), loss_func
 
 
-def _microbatches(tokens, labels, micro_batch_size):
+def microbatches(tokens, labels, micro_batch_size):
     """This data-parallel rank's share of a global batch, cut into micro-batches."""
     from megatron.core import parallel_state
 
@@ -47,7 +48,7 @@ def _microbatches(tokens, labels, micro_batch_size):
             for i in range(0, per, micro_batch_size)]
 
 
-def _mean_over_batch(loss_dicts, device) -> float:
+def mean_over_batch(loss_dicts, device) -> float:
     """The batch's mean loss on every rank (it is computed on the last pipeline stage)."""
     from megatron.core import parallel_state
 
@@ -90,9 +91,9 @@ class SchemeRun:
         self.step = 0
 
     def _run_batch(self, tokens, labels, forward_only: bool) -> float:
-        mbs = _microbatches(tokens, labels, self.args.micro_batch_size)
+        mbs = microbatches(tokens, labels, self.args.micro_batch_size)
         losses = self.fwd_bwd(
-            forward_step_func=partial(_forward_step, self.device),
+            forward_step_func=partial(forward_step, self.device),
             data_iterator=iter(mbs),
             model=[self.ddp],
             num_microbatches=len(mbs),
@@ -100,7 +101,7 @@ class SchemeRun:
             micro_batch_size=self.args.micro_batch_size,
             forward_only=forward_only,
         )
-        return _mean_over_batch(losses, self.device)
+        return mean_over_batch(losses, self.device)
 
     def evaluate(self) -> float:
         self.ddp.eval()
