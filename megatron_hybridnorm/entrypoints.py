@@ -13,7 +13,8 @@ An option that does not apply to the chosen scheme is reported on rank 0 and not
 environment can serve a HybridNorm run and its Pre-Norm baseline. Megatron-LM 0.19 logs an
 import failure of a ``--spec`` module and silently builds its default Pre-Norm model: look for
 the line ``megatron-hybridnorm: built ...`` at start-up, or check a checkpoint with
-``python -m megatron_hybridnorm.inspect CHECKPOINT``.
+``python -m megatron_hybridnorm.inspect CHECKPOINT``. When ``--load`` holds a checkpoint of
+another scheme, the entry point refuses to build, before anything is loaded.
 """
 
 from __future__ import annotations
@@ -52,6 +53,45 @@ def options_from_env(scheme: str, environ=os.environ) -> tuple[dict, list[str]]:
     return options, notes
 
 
+def _megatron_lm_load_path() -> str | None:
+    """Megatron-LM's --load, when the entry point runs inside Megatron-LM."""
+    try:
+        from megatron.training.global_vars import get_args
+
+        return getattr(get_args(), "load", None)
+    except (ImportError, AssertionError):  # not in Megatron-LM, or its args are not set
+        return None
+
+
+def check_load_matches(scheme: str, options: dict, path: str | None) -> None:
+    """Refuse, before the model exists, to resume a checkpoint of another scheme.
+
+    megatron-core's loader writes some tensors into the model in place before it finds the
+    missing norm keys, so a mismatch must be caught before loading starts.
+    """
+    from .inspect import detect_checkpoint
+    from .layer import SchemeMismatchError
+
+    if not path:
+        return
+    try:
+        found = detect_checkpoint(path)
+    except FileNotFoundError:
+        return  # nothing saved there yet: a fresh run
+    want_qkv = options.get("qkv_norm", "head") if get_scheme(scheme).has_head_norms else None
+    want_fraction = options.get("mixln_fraction", get_scheme(scheme).head_fraction)
+    same = (found.scheme == scheme and found.qkv_norm == want_qkv
+            and (scheme != "mixln" or round(found.mixln_fraction * found.num_layers)
+                 == int(want_fraction * found.num_layers)))
+    if not same:
+        raise SchemeMismatchError(
+            f"--load {path} holds {str(found).splitlines()[0].removeprefix('scheme: ')}, but "
+            f"--spec megatron_hybridnorm.entrypoints {scheme}"
+            f"{f' (qkv_norm={want_qkv})' if want_qkv else ''} builds another model: pass the "
+            "checkpoint's scheme, or another --load"
+        )
+
+
 def _rank0() -> bool:
     import torch
 
@@ -62,6 +102,7 @@ def _make(scheme: str):
     def build(config, vp_stage: int | None = None):
         use_te = getattr(config, "transformer_impl", "transformer_engine") == "transformer_engine"
         options, notes = options_from_env(scheme)
+        check_load_matches(scheme, options, _megatron_lm_load_path())
         spec = get_decoder_block_spec(
             config, scheme, use_transformer_engine=use_te, vp_stage=vp_stage, **options
         )

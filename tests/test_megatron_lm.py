@@ -98,3 +98,40 @@ def test_inspect_cli_on_a_folder_that_is_no_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         inspect_main([str(tmp_path)])
     assert e.value.code == 2 and "is not a dist checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("saved,options,asked,env", [
+    ("hybridnorm", {}, "prenorm", {}),
+    ("hybridnorm", {}, "hybridnorm_star", {}),
+    ("hybridnorm", {"qkv_norm": "full"}, "hybridnorm", {}),
+    ("mixln", {}, "mixln", {"HYBRIDNORM_MIXLN_FRACTION": "0.5"}),
+])
+def test_entry_point_refuses_a_load_checkpoint_of_another_scheme(
+        megatron_single_rank, tmp_path, monkeypatch, saved, options, asked, env):
+    """Megatron-LM would load part of it in place before failing: refuse before building."""
+    from argparse import Namespace
+
+    from megatron.core import dist_checkpointing
+    from megatron.training import global_vars
+
+    from megatron_hybridnorm.layer import SchemeMismatchError
+
+    model = build_gpt(tiny_config(), saved, **options)
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp_path))
+    monkeypatch.setattr(global_vars, "_GLOBAL_ARGS", Namespace(load=str(tmp_path)))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SchemeMismatchError, match=f"--load {tmp_path} holds {saved}"):
+        getattr(entrypoints, asked)(tiny_config(transformer_impl="local"))
+    monkeypatch.delenv("HYBRIDNORM_MIXLN_FRACTION", raising=False)
+    if not options:  # the matching scheme builds
+        getattr(entrypoints, saved)(tiny_config(transformer_impl="local"))
+
+
+def test_entry_point_with_an_empty_load_folder_builds(tmp_path, monkeypatch):
+    from argparse import Namespace
+
+    from megatron.training import global_vars
+
+    monkeypatch.setattr(global_vars, "_GLOBAL_ARGS", Namespace(load=str(tmp_path)))
+    assert entrypoints.hybridnorm(tiny_config(transformer_impl="local")).layer_specs

@@ -209,3 +209,17 @@ def test_accepted_configs():
     mh.get_decoder_block_spec(tiny_config(persist_layer_norm=True), "hybridnorm")
     mh.get_decoder_block_spec(tiny_config(qk_layernorm=True), "hybridnorm")
     mh.get_decoder_block_spec(tiny_config(tensor_model_parallel_size=4), "hybridnorm")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(tensor_model_parallel_size=3), "must be a multiple of tensor_model_parallel_size"),
+    (dict(sequence_parallel=True), "sequence parallelism without tensor parallelism"),
+    (dict(tensor_model_parallel_size=4, num_query_groups=2), 'qkv_norm="head"'),
+])
+def test_invalid_parallel_layouts_fail_before_any_collective(overrides, message):
+    """No process group exists here: the errors come from building the config and the spec."""
+    import torch.distributed
+
+    assert not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1
+    with pytest.raises(ValueError, match=message):
+        mh.get_decoder_block_spec(tiny_config(**overrides), "hybridnorm", qkv_norm="full")

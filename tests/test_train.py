@@ -247,3 +247,15 @@ def test_data_shorter_than_a_sequence_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["--text", str(tiny), "--runs-dir", str(tmp_path / "runs")])
     assert "too few for --seq-len 128" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_micro_batches_do_not_change_the_reported_loss(tmp_path):
+    """4 sequences in 1 micro-batch or in 2 give the same losses (the schedule divides the
+    returned loss by the micro-batch count in place; the logged value must not follow)."""
+    common = [*SMALL, "--schemes", "hybridnorm", "--steps", "2", "--runs-dir", str(tmp_path)]
+    run([*common, "--name", "m1"])
+    run([*common, "--name", "m2", "--micro-batch-size", "2"])
+    for a, b in zip(train_losses(tmp_path / "m1", "hybridnorm"),
+                    train_losses(tmp_path / "m2", "hybridnorm")):
+        assert abs(a - b) <= 1e-5 * abs(a)
