@@ -3,7 +3,7 @@
 # torchrun for that node's GPUs; the first node is the rendezvous master.
 run_on_nodes() {  # $1: launch script, $2: scheme
   local master
-  master=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  master=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)  # sed reads all: no SIGPIPE
   export MASTER_ADDR=$master MASTER_PORT=${MASTER_PORT:-29500} NNODES=$SLURM_NNODES
   export GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-8}
   local container=()

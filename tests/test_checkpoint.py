@@ -49,12 +49,14 @@ def test_another_schemes_checkpoint_is_refused_before_loading(megatron_single_ra
     before = {n: p.clone() for n, p in model.named_parameters()}
     with pytest.raises(SchemeMismatchError, match=f"holds {saved_as}"):
         check_checkpoint(model, path)
-    # megatron-core's own loader refuses too (missing keys), it does not load a part
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    # megatron-core's own loader raises too, on the missing norm keys, but by then it has
+    # written some tensors (the embeddings, seen with 0.19.2) into the model in place: hence
+    # the check above, before loading
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     with pytest.raises((CheckpointException, Exception)):
         model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(path)))
-    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 def test_qkv_norm_width_mismatch_is_named(megatron_single_rank, tmp_path):
