@@ -9,6 +9,9 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.torch_norm import LayerNormBuilder
 from megatron.core.typed_torch import apply_module
 
+from .kernels import MAX_HEAD_DIM, fused_qkv_norm, use_triton
+from .norms import HeadNorm
+
 
 @dataclass
 class QKVNormSelfAttentionSubmodules(SelfAttentionSubmodules):
@@ -43,11 +46,44 @@ class QKVNormSelfAttention(SelfAttention):
             eps=self.config.layernorm_epsilon,
         )
 
-    def get_query_key_value_tensors(self, *args, **kwargs):
-        out = super().get_query_key_value_tensors(*args, **kwargs)
+    def _fused_qkv_norms(self, hidden_states, output_gate: bool, split_qkv: bool) -> bool:
+        """Whether one Triton pass normalizes q, k and v (kernels/qkv_norm.py): per-head RMS
+        norms, no output gate, and each rank holding whole KV groups."""
+        q, k, v = self.q_layernorm, self.k_layernorm, self.v_layernorm
+        return (
+            split_qkv
+            and not output_gate
+            and not self.config.test_mode
+            and all(isinstance(n, HeadNorm) and n.kind == "RMSNorm" for n in (q, k))
+            and (v is None or (isinstance(v, HeadNorm) and v.kind == "RMSNorm"))
+            and self.config.num_query_groups >= self.world_size
+            and self.hidden_size_per_attention_head <= MAX_HEAD_DIM
+            and use_triton(hidden_states)
+        )
+
+    def get_query_key_value_tensors(
+        self, hidden_states, key_value_states=None, output_gate=False, split_qkv=True
+    ):
+        if self._fused_qkv_norms(hidden_states, output_gate, split_qkv):
+            mixed, _ = apply_module(self.linear_qkv)(hidden_states)
+            groups = self.num_query_groups_per_partition
+            q, k, v = self.q_layernorm, self.k_layernorm, self.v_layernorm
+            return fused_qkv_norm(
+                mixed.view(*mixed.shape[:-1], groups, -1),
+                q.scaled(q.weight),
+                k.scaled(k.weight),
+                None if v is None else v.scaled(v.weight),
+                heads_per_group=self.num_attention_heads_per_partition // groups,
+                head_dim=self.hidden_size_per_attention_head,
+                eps=q.eps,
+                zero_centered=q.zero_centered_gamma,
+            )
+        out = super().get_query_key_value_tensors(
+            hidden_states, key_value_states, output_gate=output_gate, split_qkv=split_qkv
+        )
         if self.v_layernorm is None:
             return out
-        if not kwargs.get("split_qkv", True):
+        if not split_qkv:
             raise ValueError("a V norm needs split q/k/v; unset fused_single_qkv_rope")
         # (query, key, value) or (query, key, value, gate)
         out = list(out)

@@ -6,6 +6,16 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# Without a GPU, the Triton kernels are tested under Triton's interpreter; it must be chosen
+# before any kernel is defined. (The default "auto" dispatch still picks torch on the CPU.)
+try:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:
+    pass
+
 
 @pytest.fixture(scope="session")
 def megatron_single_rank():

@@ -1,11 +1,13 @@
 """The one normalization function every norm module here calls: fp32 math, output in the input
-dtype. On CUDA it uses Apex's fused kernels when Apex is installed (they compute in fp32 too);
-elsewhere, and without Apex, it uses torch."""
+dtype. RMSNorm on CUDA runs this package's Triton kernel (``kernels/``); LayerNorm on CUDA uses
+Apex's fused kernels when Apex is installed; everything else uses torch."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..kernels import use_triton
 
 try:
     from apex.normalization.fused_layer_norm import (
@@ -16,6 +18,12 @@ try:
     HAVE_APEX = True
 except ImportError:  # Apex is optional (not on PyPI)
     HAVE_APEX = False
+
+
+def rms_norm(x, weight, eps, zero_centered_gamma):
+    from ..kernels.rmsnorm import rms_norm as triton_rms_norm  # Triton is imported on demand
+
+    return triton_rms_norm(x, weight, eps, zero_centered_gamma)
 
 
 def normalize(
@@ -30,8 +38,11 @@ def normalize(
     """RMSNorm or LayerNorm over the last dim, computed in fp32 and cast back.
 
     With ``zero_centered_gamma`` the stored weight is gamma - 1 (Megatron's convention).
-    ``impl``: "auto" (Apex on CUDA when installed, else torch), "apex" or "torch".
+    ``impl``: "auto" (see the module's docstring; ``HYBRIDNORM_KERNELS`` forces Triton or torch),
+    "apex" or "torch".
     """
+    if impl == "auto" and kind == "RMSNorm" and use_triton(x):
+        return rms_norm(x, weight, eps, zero_centered_gamma)
     w = weight.float()
     if zero_centered_gamma:
         w = w + 1.0

@@ -35,15 +35,14 @@ class HeadNorm(NormBase):
         for p in self.parameters():
             p.average_gradients_across_tp_domain = True
 
+    def scaled(self, p: torch.Tensor | None) -> torch.Tensor | None:
+        """A parameter as the forward uses it: its gradient scaled by the TP size."""
+        if p is None or self.tp_size == 1:
+            return p
+        return ScaleGrad.apply(p, float(self.tp_size))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tp_size == 1:
-            return self._normalize(x)
-        scale = float(self.tp_size)
-        return self._normalize(
-            x,
-            ScaleGrad.apply(self.weight, scale),
-            None if self.bias is None else ScaleGrad.apply(self.bias, scale),
-        )
+        return self._normalize(x, self.scaled(self.weight), self.scaled(self.bias))
 
 
 class _AllReduceSum(torch.autograd.Function):

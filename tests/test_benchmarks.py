@@ -1,0 +1,34 @@
+"""The benchmark script runs end to end (tiny shapes; on a CPU under the interpreter)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_benchmark_script_runs(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_norms.py"), "--smoke",
+                          "--out", str(tmp_path / "r.json")], capture_output=True, text=True,
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads((tmp_path / "r.json").read_text())
+    for part in ("rms_norm", "qkv_norm"):
+        assert set(r[part]) == {"torch", "triton"}
+        assert all(v["seconds"] > 0 for v in r[part].values())
+    assert {"prenorm", "hybridnorm_torch_norms", "hybridnorm_kernels"} <= set(r["block"])
+
+
+def test_benchmark_refuses_to_time_a_cpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_norms.py")],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "measures a GPU" in out.stderr
