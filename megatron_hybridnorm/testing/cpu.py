@@ -2,10 +2,11 @@
 
 megatron-core assumes CUDA in a handful of places: buffers allocated on
 ``torch.cuda.current_device()``, the CUDA RNG tracker, ``torch.cuda.current_stream()`` in DDP,
-``torch.cuda.synchronize()`` and ``device="cuda"`` literals in the optimizer, schedules and
-buffers. On a
-machine without a GPU, ``use_cpu()`` points each of these at the CPU. It does nothing where CUDA
-is available. It is for tests and CPU demos, not for production runs.
+``torch.cuda.synchronize()``, ``device="cuda"`` literals in the optimizer, schedules and
+buffers, ``tensor.type() == "torch.cuda.FloatTensor"`` checks in the optimizers, and MoE split
+sizes that become numpy arrays only when copied off a GPU. On a machine without a GPU,
+``use_cpu()`` points each of these at the CPU (process-wide). It does nothing where CUDA is
+available. It is for tests and CPU demos, not for production runs.
 """
 
 from __future__ import annotations
