@@ -4,12 +4,13 @@
 
 Prints and writes (JSON), all measured in this run on this card:
 - the device-copy bandwidth (the baseline for the kernels' bandwidth fractions);
-- forward+backward time and achieved bandwidth of the Triton RMSNorm (16384 x 4096) and the
-  fused Q/K/V norm (16384 tokens, 32 q heads / 8 KV heads, head_dim 64), against the torch
-  paths they replace;
+- forward+backward time and achieved bandwidth of the Triton RMSNorm (16384 x 4096), the fused
+  residual add + RMSNorm (HybridNorm's FFN norm, same shape) and the fused Q/K/V norm (16384
+  tokens, 32 q heads / 8 KV heads, head_dim 64), against the torch paths they replace. The
+  bandwidth counts the bytes the fused kernel must move, for both paths;
 - forward+backward time and peak memory of the paper's 1.2B block (16 layers, d 2048, 32 / 8
-  heads, SwiGLU 8192, seq 4096, micro-batch 2, bf16) as Pre-Norm, HybridNorm with torch norms and
-  HybridNorm with the kernels, on the same local linears and SDPA attention.
+  heads, SwiGLU 8192, seq 4096, micro-batch 2, bf16) as Pre-Norm and HybridNorm, each with torch
+  norms and with the kernels, on the same local linears and SDPA attention.
 ``--smoke`` runs tiny shapes (on a CPU under TRITON_INTERPRET=1) to check that it runs at all;
 its numbers mean nothing.
 """
@@ -77,6 +78,29 @@ def bench_rms_norm(s, device, dtype, iters, warmup, copy_bw) -> dict:
     return out
 
 
+def bench_add_rms_norm(s, device, dtype, iters, warmup, copy_bw) -> dict:
+    from megatron_hybridnorm.norms.functional import add_normalize
+
+    shape = (s["norm_rows"], s["norm_width"])
+    x = torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
+    a = torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
+    w = torch.ones(s["norm_width"], device=device, requires_grad=True)
+    dy = torch.randn_like(x)
+    out = {}
+    for mode in ("torch", "triton"):  # torch: Megatron's add, then the norm
+        with_kernels(mode)
+
+        def step():
+            x.grad = a.grad = w.grad = None
+            add_normalize(x, a, None, w, None, 1e-5, "RMSNorm").backward(dy)
+
+        t = timed(step, iters, warmup)
+        # fwd: x, a in; sum, y out. bwd: sum, dy in; d(sum) out (the same tensor for x and a)
+        moved = 7 * x.numel() * x.element_size()
+        out[mode] = dict(seconds=t, bandwidth_fraction=moved / t / copy_bw)
+    return out
+
+
 def bench_qkv_norm(s, device, dtype, iters, warmup, copy_bw) -> dict:
     from megatron_hybridnorm.kernels.qkv_norm import qkv_norm
     from megatron_hybridnorm.norms.functional import normalize
@@ -109,7 +133,8 @@ def bench_qkv_norm(s, device, dtype, iters, warmup, copy_bw) -> dict:
     return out
 
 
-def bench_block(s, device, dtype, iters, warmup) -> dict:
+def time_block(s, scheme, device, dtype, iters, warmup) -> dict:
+    """Forward+backward seconds and peak memory of one scheme's block (freed on return)."""
     import torch.nn.functional as F
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from megatron.core.transformer.transformer_block import TransformerBlock
@@ -117,40 +142,47 @@ def bench_block(s, device, dtype, iters, warmup) -> dict:
 
     import megatron_hybridnorm as mh
 
+    cfg = TransformerConfig(
+        num_layers=s["layers"], hidden_size=s["hidden"], num_attention_heads=s["heads"],
+        num_query_groups=s["groups"], ffn_hidden_size=s["ffn"], gated_linear_unit=True,
+        activation_func=F.silu, normalization="RMSNorm", add_bias_linear=False,
+        bf16=dtype == torch.bfloat16, params_dtype=dtype, hidden_dropout=0.0,
+        attention_dropout=0.0, bias_activation_fusion=False, bias_dropout_fusion=False,
+        gradient_accumulation_fusion=False)
+    block = TransformerBlock(cfg, mh.get_decoder_block_spec(cfg, scheme)).to(device)
+    rope = RotaryEmbedding(kv_channels=s["hidden"] // s["heads"], rotary_percent=1.0,
+                           rotary_base=500000)(s["seq"]).to(device)
+    x = torch.randn(s["seq"], s["batch"], s["hidden"], device=device, dtype=dtype,
+                    requires_grad=True)
+    dy = torch.randn_like(x)
+
+    def step():
+        block.zero_grad(set_to_none=True)
+        x.grad = None
+        block(x, attention_mask=None, rotary_pos_emb=rope).backward(dy)
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t = timed(step, iters, warmup)
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    return dict(seconds=t, peak_bytes=peak)
+
+
+def bench_block(s, device, dtype, iters, warmup) -> dict:
     out = {}
     for label, scheme, mode in (("prenorm", "prenorm", "torch"),
+                                ("prenorm_kernels", "prenorm", "triton"),
                                 ("hybridnorm_torch_norms", "hybridnorm", "torch"),
                                 ("hybridnorm_kernels", "hybridnorm", "triton")):
         with_kernels(mode)
-        cfg = TransformerConfig(
-            num_layers=s["layers"], hidden_size=s["hidden"], num_attention_heads=s["heads"],
-            num_query_groups=s["groups"], ffn_hidden_size=s["ffn"], gated_linear_unit=True,
-            activation_func=F.silu, normalization="RMSNorm", add_bias_linear=False,
-            bf16=dtype == torch.bfloat16, params_dtype=dtype, hidden_dropout=0.0,
-            attention_dropout=0.0, bias_activation_fusion=False, bias_dropout_fusion=False,
-            gradient_accumulation_fusion=False)
-        block = TransformerBlock(cfg, mh.get_decoder_block_spec(cfg, scheme)).to(device)
-        rope = RotaryEmbedding(kv_channels=s["hidden"] // s["heads"], rotary_percent=1.0,
-                               rotary_base=500000)(s["seq"]).to(device)
-        x = torch.randn(s["seq"], s["batch"], s["hidden"], device=device, dtype=dtype,
-                        requires_grad=True)
-        dy = torch.randn_like(x)
-
-        def step():
-            block.zero_grad(set_to_none=True)
-            x.grad = None
-            block(x, attention_mask=None, rotary_pos_emb=rope).backward(dy)
-
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        t = timed(step, iters, warmup)
-        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-        out[label] = dict(seconds=t, peak_bytes=peak)
-        del block
-    out["ratio_fused_over_prenorm"] = (out["hybridnorm_kernels"]["seconds"]
-                                       / out["prenorm"]["seconds"])
-    out["ratio_torch_norms_over_prenorm"] = (out["hybridnorm_torch_norms"]["seconds"]
-                                             / out["prenorm"]["seconds"])
+        out[label] = time_block(s, scheme, device, dtype, iters, warmup)
+    for hybrid in ("hybridnorm_torch_norms", "hybridnorm_kernels"):
+        for base in ("prenorm", "prenorm_kernels"):
+            out[f"time_{hybrid}_over_{base}"] = out[hybrid]["seconds"] / out[base]["seconds"]
+            if out[base]["peak_bytes"]:
+                out[f"peak_{hybrid}_over_{base}"] = (out[hybrid]["peak_bytes"]
+                                                     / out[base]["peak_bytes"])
     return out
 
 
@@ -184,6 +216,7 @@ def main(argv=None) -> int:
                       megatron_core=_version("megatron-core")),
         date=time.strftime("%Y-%m-%d"), shapes=s, copy_bandwidth_bytes_per_s=copy_bw,
         rms_norm=bench_rms_norm(s, device, dtype, iters, warmup, copy_bw),
+        add_rms_norm=bench_add_rms_norm(s, device, dtype, iters, warmup, copy_bw),
         qkv_norm=bench_qkv_norm(s, device, dtype, iters, warmup, copy_bw),
         block=bench_block(s, device, dtype, iters, warmup),
     )

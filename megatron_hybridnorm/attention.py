@@ -9,8 +9,8 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.torch_norm import LayerNormBuilder
 from megatron.core.typed_torch import apply_module
 
-from .kernels import MAX_HEAD_DIM, fused_qkv_norm, use_triton
-from .norms import HeadNorm
+from .kernels import MAX_HEAD_DIM, full_row_fits, fused_qkv_full_norm, fused_qkv_norm, use_triton
+from .norms import FullWidthNorm, HeadNorm
 
 
 @dataclass
@@ -46,37 +46,55 @@ class QKVNormSelfAttention(SelfAttention):
             eps=self.config.layernorm_epsilon,
         )
 
-    def _fused_qkv_norms(self, hidden_states, output_gate: bool, split_qkv: bool) -> bool:
-        """Whether one Triton pass normalizes q, k and v (kernels/qkv_norm.py): per-head RMS
-        norms, no output gate, and each rank holding whole KV groups."""
+    def _fused_qkv_norms(self, hidden_states, output_gate: bool, split_qkv: bool) -> str | None:
+        """Which Triton pass normalizes q, k and v in one go: "head" (kernels/qkv_norm.py),
+        "full" (kernels/qkv_full_norm.py) or None (the norm modules, one by one). Needs RMS
+        norms of one kind, no output gate, and each rank holding whole KV groups."""
         q, k, v = self.q_layernorm, self.k_layernorm, self.v_layernorm
-        return (
-            split_qkv
-            and not output_gate
-            and not self.config.test_mode
-            and all(isinstance(n, HeadNorm) and n.kind == "RMSNorm" for n in (q, k))
-            and (v is None or (isinstance(v, HeadNorm) and v.kind == "RMSNorm"))
-            and self.config.num_query_groups >= self.world_size
-            and self.hidden_size_per_attention_head <= MAX_HEAD_DIM
-            and use_triton(hidden_states)
-        )
+        if not (split_qkv and not output_gate and not self.config.test_mode
+                and self.config.num_query_groups >= self.world_size
+                and use_triton(hidden_states)):
+            return None
+        for kind in (HeadNorm, FullWidthNorm):
+            if all(isinstance(n, kind) and n.kind == "RMSNorm" for n in (q, k)) and (
+                v is None or (isinstance(v, kind) and v.kind == "RMSNorm")
+            ):
+                break
+        else:
+            return None
+        groups = self.num_query_groups_per_partition
+        P, hd = self.num_attention_heads_per_partition // groups, self.hidden_size_per_attention_head
+        if kind is HeadNorm:
+            return "head" if hd <= MAX_HEAD_DIM else None
+        return "full" if full_row_fits(groups, P, hd) else None
 
     def get_query_key_value_tensors(
         self, hidden_states, key_value_states=None, output_gate=False, split_qkv=True
     ):
-        if self._fused_qkv_norms(hidden_states, output_gate, split_qkv):
+        fused = self._fused_qkv_norms(hidden_states, output_gate, split_qkv)
+        if fused is not None:
             mixed, _ = apply_module(self.linear_qkv)(hidden_states)
             groups = self.num_query_groups_per_partition
             q, k, v = self.q_layernorm, self.k_layernorm, self.v_layernorm
-            return fused_qkv_norm(
-                mixed.view(*mixed.shape[:-1], groups, -1),
-                q.scaled(q.weight),
-                k.scaled(k.weight),
-                None if v is None else v.scaled(v.weight),
+            common = dict(
                 heads_per_group=self.num_attention_heads_per_partition // groups,
                 head_dim=self.hidden_size_per_attention_head,
                 eps=q.eps,
                 zero_centered=q.zero_centered_gamma,
+            )
+            mixed = mixed.view(*mixed.shape[:-1], groups, -1)
+            if fused == "full":
+                group = self.pg_collection.tp if self.world_size > 1 else None
+                return fused_qkv_full_norm(
+                    mixed, q.weight, k.weight, None if v is None else v.weight,
+                    widths=(q.global_width, k.global_width), group=group, **common,
+                )
+            return fused_qkv_norm(
+                mixed,
+                q.scaled(q.weight),
+                k.scaled(k.weight),
+                None if v is None else v.scaled(v.weight),
+                **common,
             )
         out = super().get_query_key_value_tensors(
             hidden_states, key_value_states, output_gate=output_gate, split_qkv=split_qkv

@@ -1,4 +1,5 @@
-"""Megatron's TransformerLayer plus a norm on the layer output (Post-Norm's second norm)."""
+"""Megatron's TransformerLayer plus a norm on the layer output (Post-Norm's second norm), with
+the residual add fused into the norm that follows it."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from megatron.core.transformer.transformer_layer import (
 from megatron.core.typed_torch import apply_module
 from megatron.core.utils import make_viewless_tensor
 
+from .norms import Norm
 from .schemes import LayerNorms
 
 
@@ -30,6 +32,14 @@ class HybridTransformerLayer(TransformerLayer):
 
     ``norms`` (the ``LayerNorms`` layout the spec was built from) is saved in checkpoints as the
     layer's extra state; loading a checkpoint whose layer had other norms is refused.
+
+    Where a norm directly follows a residual add (HybridNorm's FFN norm, Post-Norm's two norms)
+    and no dropout is active, the add runs inside the norm (``Norm.forward`` with ``residual``,
+    one Triton pass on CUDA): Megatron's ``self_attn_bda`` hands its inputs over to the pre-MLP
+    norm instead of adding, and the MLP's add goes straight into ``post_mlp_layernorm``. The
+    norm module is still called, so its hooks run (its input is then the sublayer output, the
+    residual a keyword). With dropout, activation offloading or a recomputed pre-MLP norm,
+    Megatron's own path runs.
     """
 
     def __init__(
@@ -47,6 +57,56 @@ class HybridTransformerLayer(TransformerLayer):
             hidden_size=self.config.hidden_size,
             eps=self.config.layernorm_epsilon,
         )
+        self._pending_add = None
+        pre_mlp = self.pre_mlp_layernorm
+        if self._fuses_add(pre_mlp) and getattr(pre_mlp, "returns_residual", False):
+            self.self_attn_bda = self._handing_over(self.self_attn_bda)
+
+    def _fuses_add(self, norm) -> bool:
+        return (
+            isinstance(norm, Norm)
+            and not self.offload_attn_norm
+            and not self.offload_mlp_norm
+            and not self.recompute_pre_mlp_layernorm
+            and isinstance(self.cross_attention, IdentityOp)
+            and not self.config.inference_fuse_tp_communication  # that adds inside the linears
+        )
+
+    @staticmethod
+    def _dropout_active(training: bool, prob: float) -> bool:
+        return training and prob > 0
+
+    def _handing_over(self, get_bda):
+        """Wraps Megatron's ``get_bias_dropout_add``: without dropout, the attention output goes
+        on unchanged and (output, residual, bias) wait for ``_forward_pre_mlp_layernorm``."""
+
+        def get(training: bool, fused: bool):
+            bda = get_bda(training, fused)
+
+            def hand_over(out_with_bias, residual, prob):
+                if self._dropout_active(training, prob):
+                    return bda(out_with_bias, residual, prob)
+                out, bias = out_with_bias
+                self._pending_add = (out, residual, bias)
+                return out
+
+            return hand_over
+
+        return get
+
+    def _forward_pre_mlp_layernorm(self, hidden_states):
+        if self._pending_add is None:
+            return super()._forward_pre_mlp_layernorm(hidden_states)
+        out, residual, bias = self._pending_add
+        self._pending_add = None
+        if out is not hidden_states:
+            raise RuntimeError(
+                "HybridTransformerLayer: the pre-MLP norm got another tensor than the attention "
+                "output whose residual add it was to fuse; set HYBRIDNORM_KERNELS=torch and "
+                "report this (a Megatron code path between attention and MLP changed it)"
+            )
+        self.mlp_norm_manager = None
+        return apply_module(self.pre_mlp_layernorm)(out, residual=residual, x_bias=bias)
 
     def get_extra_state(self):
         return {"norms": asdict(self.norms) if self.norms is not None else None}
@@ -62,8 +122,14 @@ class HybridTransformerLayer(TransformerLayer):
             )
 
     def _forward_post_mlp(self, mlp_output_with_bias, residual):
-        output = super()._forward_post_mlp(mlp_output_with_bias, residual)
-        if isinstance(self.post_mlp_layernorm, IdentityOp):
-            return output
-        output = apply_module(self.post_mlp_layernorm)(output)
+        norm = self.post_mlp_layernorm
+        if isinstance(norm, IdentityOp):
+            return super()._forward_post_mlp(mlp_output_with_bias, residual)
+        if self._fuses_add(norm) and not self._dropout_active(self.training, self.hidden_dropout):
+            self.mlp_norm_manager = None
+            out, bias = mlp_output_with_bias
+            output = apply_module(norm)(out, residual=residual, x_bias=bias)
+        else:
+            output = super()._forward_post_mlp(mlp_output_with_bias, residual)
+            output = apply_module(norm)(output)
         return make_viewless_tensor(inp=output, requires_grad=output.requires_grad, keep_graph=True)

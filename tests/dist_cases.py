@@ -150,6 +150,36 @@ def train_cases(cases: list[dict], steps: int = 3) -> list[dict]:
     return [train_case(c, steps) for c in cases]
 
 
+KERNELS = (("rmsnorm", "rms_norm"), ("rmsnorm", "add_rms_norm"), ("qkv_norm", "qkv_norm"),
+           ("qkv_full_norm", "qkv_full_norm"))
+
+
+def train_cases_counting_kernels(cases: list[dict], steps: int = 3) -> list[dict]:
+    """``train_cases``, each result with the number of calls that reached each Triton kernel."""
+    import importlib
+
+    results = []
+    for case in cases:
+        calls = dict.fromkeys((name for _, name in KERNELS), 0)
+        originals = []
+        for module, name in KERNELS:
+            mod = importlib.import_module(f"megatron_hybridnorm.kernels.{module}")
+            original = getattr(mod, name)
+            originals.append((mod, name, original))
+
+            def counted(*a, _f=original, _n=name, **k):
+                calls[_n] += 1
+                return _f(*a, **k)
+
+            setattr(mod, name, counted)
+        try:
+            results.append({**train_case(case, steps), "kernel_calls": calls})
+        finally:
+            for mod, name, original in originals:
+                setattr(mod, name, original)
+    return results
+
+
 def fail_on_rank(bad: int) -> int:
     if torch.distributed.get_rank() == bad:
         raise RuntimeError(f"deliberate failure on rank {bad}")
@@ -236,3 +266,23 @@ def load_and_eval(cases: list[dict], root: str) -> list[float]:
                 m.load_state_dict(state[f"model{j}"])
         losses.append(_eval_loss(chunks, config))
     return losses
+
+
+def full_qkv_norm_on_a_slice_of_heads(case):
+    """This rank's share (its KV groups) of the full-width Q/K/V norm kernel, the statistics
+    summed over the process group (gloo; Triton's interpreter on the CPU)."""
+    from megatron_hybridnorm.kernels.qkv_full_norm import qkv_full_norm
+
+    mixed, ws, grads, ng, P, hd = case
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    per = ng // world
+    lo, hi = rank * per, (rank + 1) * per
+    mine = mixed[:, :, lo:hi].clone().requires_grad_(True)
+    wl = [ws[0][lo * P * hd:hi * P * hd], ws[1][lo * hd:hi * hd], ws[2][lo * hd:hi * hd]]
+    wl = [w.clone().requires_grad_(True) for w in wl]
+    out = qkv_full_norm(mine, *wl, heads_per_group=P, head_dim=hd,
+                        widths=(ng * P * hd, ng * hd), eps=1e-5,
+                        group=torch.distributed.group.WORLD)
+    local_grads = [grads[0][:, :, lo * P:hi * P], grads[1][:, :, lo:hi], grads[2][:, :, lo:hi]]
+    torch.autograd.backward(out, local_grads)
+    return [o.detach() for o in out], mine.grad, [w.grad for w in wl]

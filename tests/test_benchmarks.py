@@ -18,10 +18,11 @@ def test_benchmark_script_runs(tmp_path):
                          env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads((tmp_path / "r.json").read_text())
-    for part in ("rms_norm", "qkv_norm"):
+    for part in ("rms_norm", "add_rms_norm", "qkv_norm"):
         assert set(r[part]) == {"torch", "triton"}
         assert all(v["seconds"] > 0 for v in r[part].values())
-    assert {"prenorm", "hybridnorm_torch_norms", "hybridnorm_kernels"} <= set(r["block"])
+    assert {"prenorm", "prenorm_kernels", "hybridnorm_torch_norms", "hybridnorm_kernels",
+            "time_hybridnorm_kernels_over_prenorm"} <= set(r["block"])
 
 
 def test_benchmark_refuses_to_time_a_cpu():

@@ -27,6 +27,8 @@ def poisoned_outputs(monkeypatch):
     qkv_mod = importlib.import_module("megatron_hybridnorm.kernels.qkv_norm")
 
     monkeypatch.setattr(qkv_mod, "_empty", rms_mod._empty)
+    full_mod = importlib.import_module("megatron_hybridnorm.kernels.qkv_full_norm")
+    monkeypatch.setattr(full_mod, "_empty", rms_mod._empty)
 
 
 def close(a, b, dtype, what):
@@ -66,36 +68,112 @@ def test_rms_norm_matches_fp64(dtype, shape, zero_centered):
     close(w.grad, wr.grad, torch.float32 if dtype == torch.float32 else dtype, "dw")
 
 
+ADD_CASES = [  # shape, residual dtype (None: as a), bias
+    ((37, 200), None, True),
+    ((5, 3, 64), None, False),
+    ((3, 1000), torch.float32, True),   # fp32_residual_connection: fp32 residual, low-precision a
+    ((2, 3), None, False),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,x_dtype,bias", ADD_CASES, ids=[str(c) for c in ADD_CASES])
+def test_add_rms_norm_matches_fp64(dtype, shape, x_dtype, bias):
+    """N(x + a + bias): the sum is stored in the output dtype (as Megatron's add stores it) and
+    that rounded sum is normalized; gradients flow to x, a, bias and the weight."""
+    x_dtype = x_dtype or dtype
+    x = rand(*shape, dtype=x_dtype, seed=0, scale=2.0).requires_grad_(True)
+    a = rand(*shape, dtype=dtype, seed=1).requires_grad_(True)
+    b = rand(shape[-1], dtype=dtype, seed=2).requires_grad_(True) if bias else None
+    w = (rand(shape[-1], dtype=torch.float32, seed=3) * 0.3 + 1.0).requires_grad_(True)
+    y = rms_mod.add_rms_norm(x, a, b, w, 1e-5)
+    out_dtype = torch.promote_types(x_dtype, dtype)
+    dy = rand(*shape, dtype=out_dtype, seed=4)
+    y.backward(dy)
+
+    leaves = [t.detach().double().requires_grad_(True) for t in (x, a, w)]
+    xr, ar, wr = leaves
+    br = b.detach().double().requires_grad_(True) if bias else None
+    s = xr + ar + (br if bias else 0.0)
+    s = s + (s.to(out_dtype).double() - s).detach()  # rounded like the stored sum
+    yr = ref_rms(s, wr)
+    yr.backward(dy.double())
+    assert y.dtype == out_dtype and y.shape == a.shape
+    assert x.grad.dtype == x_dtype and a.grad.dtype == dtype
+    close(y, yr, out_dtype, "y")
+    close(x.grad, xr.grad, out_dtype, "dx")
+    close(a.grad, ar.grad, dtype, "da")
+    close(w.grad, wr.grad, torch.float32 if out_dtype == torch.float32 else out_dtype, "dw")
+    if bias:
+        close(b.grad, br.grad, dtype, "dbias")
+
+
+def test_add_rms_norm_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match="differ"):
+        rms_mod.add_rms_norm(torch.zeros(2, 4), torch.zeros(1, 4), None, torch.ones(4), 1e-5)
+
+
 QKV_SHAPES = [  # sq, b, groups, heads per group, head_dim
     (5, 3, 2, 3, 48),     # GQA, non-power-of-two head_dim
     (4, 2, 1, 4, 64),     # one KV group
     (3, 1, 4, 1, 256),    # MHA, the largest head_dim
     (2, 2, 2, 2, 72),
+    (3, 2, 3, 2, 40),     # three KV groups
 ]
 
 
+def ref_head_qkv(m, ws, ng, P, hd, norm_v):
+    """fp64 per-head Q/K/V RMSNorm on Megatron's grouped layout: P q heads, k, v per group."""
+    sq, b = m.shape[:2]
+    heads = m.view(sq, b, ng, P + 2, hd)
+    Q = ref_rms(heads[..., :P, :], ws[0]).reshape(sq, b, ng * P, hd)
+    K = ref_rms(heads[..., P, :], ws[1])
+    V = ref_rms(heads[..., P + 1, :], ws[2]) if norm_v else heads[..., P + 1, :]
+    return Q, K, V
+
+
+def ref_full_qkv(m, ws, ng, P, hd, norm_v):
+    """fp64 full-width Q/K/V RMSNorm on the grouped layout: one row of all q heads, one of k."""
+    sq, b = m.shape[:2]
+    heads = m.view(sq, b, ng, P + 2, hd)
+    Q = ref_rms(heads[..., :P, :].reshape(sq, b, ng * P * hd), ws[0]).view(sq, b, ng * P, hd)
+    K = ref_rms(heads[..., P, :].reshape(sq, b, ng * hd), ws[1]).view(sq, b, ng, hd)
+    V = heads[..., P + 1, :]
+    if norm_v:
+        V = ref_rms(V.reshape(sq, b, ng * hd), ws[2]).view(sq, b, ng, hd)
+    return Q, K, V
+
+
+def qkv_kernel(mode):
+    """(kernel, fp64 reference, weight widths(ng, P, hd), extra kwargs) of a Q/K/V norm mode."""
+    from megatron_hybridnorm.kernels.qkv_full_norm import qkv_full_norm
+    from megatron_hybridnorm.kernels.qkv_norm import qkv_norm
+
+    if mode == "head":
+        return qkv_norm, ref_head_qkv, lambda ng, P, hd: (hd, hd, hd), lambda ng, P, hd: {}
+    return (qkv_full_norm, ref_full_qkv, lambda ng, P, hd: (ng * P * hd, ng * hd, ng * hd),
+            lambda ng, P, hd: {"widths": (ng * P * hd, ng * hd)})
+
+
+@pytest.mark.parametrize("mode", ["head", "full"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", QKV_SHAPES, ids=[str(s) for s in QKV_SHAPES])
 @pytest.mark.parametrize("norm_v", [True, False])
-def test_fused_qkv_norm_matches_fp64(dtype, shape, norm_v):
-    from megatron_hybridnorm.kernels.qkv_norm import qkv_norm
-
+def test_fused_qkv_norm_matches_fp64(mode, dtype, shape, norm_v):
+    kernel, reference, widths, extra = qkv_kernel(mode)
     sq, b, ng, P, hd = shape
     mixed = rand(sq, b, ng, (P + 2) * hd, dtype=dtype, seed=3, scale=2.0).requires_grad_(True)
-    ws = [(rand(hd, dtype=torch.float32, seed=4 + i) * 0.3 + 1.0).requires_grad_(True)
-          for i in range(3)]
-    q, k, v = qkv_norm(mixed, ws[0], ws[1], ws[2] if norm_v else None, heads_per_group=P,
-                       head_dim=hd, eps=1e-5)
+    ws = [(rand(n, dtype=torch.float32, seed=4 + i) * 0.3 + 1.0).requires_grad_(True)
+          for i, n in enumerate(widths(ng, P, hd))]
+    q, k, v = kernel(mixed, ws[0], ws[1], ws[2] if norm_v else None, heads_per_group=P,
+                     head_dim=hd, eps=1e-5, **extra(ng, P, hd))
     assert q.shape == (sq, b, ng * P, hd) and k.shape == v.shape == (sq, b, ng, hd)
     grads = [rand(*t.shape, dtype=dtype, seed=10 + i) for i, t in enumerate((q, k, v))]
     torch.autograd.backward((q, k, v), grads)
 
     m = mixed.detach().double().requires_grad_(True)
     wr = [w.detach().double().requires_grad_(True) for w in ws]
-    heads = m.view(sq, b, ng, P + 2, hd)  # Megatron's grouped layout: P q heads, k, v
-    Q = ref_rms(heads[..., :P, :], wr[0]).reshape(sq, b, ng * P, hd)
-    K = ref_rms(heads[..., P, :], wr[1])
-    V = ref_rms(heads[..., P + 1, :], wr[2]) if norm_v else heads[..., P + 1, :]
+    Q, K, V = reference(m, wr, ng, P, hd, norm_v)
     torch.autograd.backward((Q, K, V), [g.double() for g in grads])
     for name, a, r in (("q", q, Q), ("k", k, K), ("v", v, V), ("d_mixed", mixed.grad, m.grad)):
         close(a, r, dtype, name)
@@ -104,6 +182,33 @@ def test_fused_qkv_norm_matches_fp64(dtype, shape, norm_v):
         close(ws[i].grad, wr[i].grad, wdt, f"dw{'qkv'[i]}")
     if not norm_v:
         assert ws[2].grad is None
+
+
+def test_full_width_qkv_norm_statistics_span_the_tensor_parallel_group():
+    """Two gloo ranks each hold half the KV groups: together they give the one-rank result."""
+    from megatron_hybridnorm.testing import run_distributed
+    from megatron_hybridnorm.kernels.qkv_full_norm import qkv_full_norm
+
+    sq, b, ng, P, hd = 3, 2, 4, 2, 24
+    mixed = rand(sq, b, ng, (P + 2) * hd, dtype=torch.float32, seed=3, scale=2.0)
+    ws = [rand(n, dtype=torch.float32, seed=4 + i) * 0.3 + 1.0
+          for i, n in enumerate((ng * P * hd, ng * hd, ng * hd))]
+    grads = [rand(sq, b, n, hd, dtype=torch.float32, seed=10 + i)
+             for i, n in enumerate((ng * P, ng, ng))]
+    one_m = mixed.clone().requires_grad_(True)
+    one_w = [w.clone().requires_grad_(True) for w in ws]
+    one = qkv_full_norm(one_m, *one_w, heads_per_group=P, head_dim=hd,
+                        widths=(ng * P * hd, ng * hd), eps=1e-5)
+    torch.autograd.backward(one, grads)
+    import dist_cases
+
+    ranks = run_distributed(dist_cases.full_qkv_norm_on_a_slice_of_heads, 2,
+                            args=((mixed, ws, grads, ng, P, hd),), timeout=300)
+    for i, name in enumerate("qkv"):
+        joined = torch.cat([r[0][i] for r in ranks], dim=2)
+        assert rel_err(joined, one[i]) < 1e-6, name
+        assert rel_err(torch.cat([r[2][i] for r in ranks]), one_w[i].grad) < 1e-6, f"dw{name}"
+    assert rel_err(torch.cat([r[1] for r in ranks], dim=2), one_m.grad) < 1e-6
 
 
 def test_fused_qkv_norm_refuses_head_dim_over_256():
@@ -142,9 +247,11 @@ def forced_kernels(monkeypatch):
     import importlib
 
     monkeypatch.setenv("HYBRIDNORM_KERNELS", "triton")
-    calls = {"rms_norm": 0, "qkv_norm": 0}
+    calls = {"rms_norm": 0, "add_rms_norm": 0, "qkv_norm": 0, "qkv_full_norm": 0}
     qkv_mod = importlib.import_module("megatron_hybridnorm.kernels.qkv_norm")
-    for mod, name in ((rms_mod, "rms_norm"), (qkv_mod, "qkv_norm")):
+    full_mod = importlib.import_module("megatron_hybridnorm.kernels.qkv_full_norm")
+    for mod, name in ((rms_mod, "rms_norm"), (rms_mod, "add_rms_norm"), (qkv_mod, "qkv_norm"),
+                      (full_mod, "qkv_full_norm")):
         original = getattr(mod, name)
 
         def counted(*a, _f=original, _n=name, **k):
@@ -155,46 +262,140 @@ def forced_kernels(monkeypatch):
     return calls
 
 
-# block 0's input norm, Q/K/V and the residual norm; Q/K without V; zero-centered weights
-MODEL_CASES = [("hybridnorm_star", {}), ("prenorm_qknorm", {}),
-               ("hybridnorm_star", {"layernorm_zero_centered_gamma": True})]
+# block 0's input norm, Q/K/V and the fused add + FFN norm; Q/K without V; zero-centered
+# weights; full-width Q/K/V norms; Post-Norm's two fused add + norms
+MODEL_CASES = [("hybridnorm_star", {}, "head"), ("prenorm_qknorm", {}, "head"),
+               ("hybridnorm_star", {"layernorm_zero_centered_gamma": True}, "head"),
+               ("hybridnorm_star", {}, "full"), ("prenorm_qknorm", {}, "full"),
+               ("postnorm", {}, "head")]
+# fused residual add + norm calls per forward of the 4-layer model
+FUSED_ADDS = {"hybridnorm_star": 3, "prenorm_qknorm": 0, "postnorm": 8}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scheme,config", MODEL_CASES, ids=[f"{s}{'-zc' if c else ''}"
-                                                          for s, c in MODEL_CASES])
+@pytest.mark.parametrize("scheme,config,qkv_norm", MODEL_CASES,
+                         ids=[f"{s}{''.join('-' + k for k in c)}-{q}" for s, c, q in MODEL_CASES])
 def test_models_match_the_reference_with_the_kernels(megatron_single_rank, forced_kernels,
-                                                     scheme, config):
-    """The core issue's reference test, with every RMSNorm and the Q/K/V norms in Triton."""
+                                                     scheme, config, qkv_norm):
+    """The core issue's reference test, with every RMSNorm, the residual adds before norms and
+    the Q/K/V norms in Triton."""
     from helpers import build_gpt, randomize_norms, tiny_config
     from test_reference import TOL, compare_to_reference
 
     torch.manual_seed(0)
     cfg = tiny_config(**config)
-    model = build_gpt(cfg, scheme)
+    model = build_gpt(cfg, scheme, **({"qkv_norm": "full"} if qkv_norm == "full" else {}))
     randomize_norms(model)
     if config.get("layernorm_zero_centered_gamma"):
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if "layernorm" in n:
                     p.sub_(1.0)
-    worst, errs = compare_to_reference(model, scheme, cfg)
+    worst, errs = compare_to_reference(model, scheme, cfg, qkv_norm=qkv_norm)
     assert worst < TOL, {k: v for k, v in errs.items() if v >= TOL}
     assert forced_kernels["rms_norm"] > 0
-    assert forced_kernels["qkv_norm"] == 2 * 4  # 4 layers, 2 forward passes
+    assert forced_kernels["add_rms_norm"] == 2 * FUSED_ADDS[scheme]  # 2 forward passes
+    qkv_calls = 2 * 4 if scheme != "postnorm" else 0
+    assert forced_kernels[{"head": "qkv_norm", "full": "qkv_full_norm"}[qkv_norm]] == qkv_calls
+
+
+def _logits_and_grads(model, dropout_rng_seed=0):
+    from helpers import batch
+
+    tokens, labels, pos = batch()
+    model.zero_grad()
+    torch.manual_seed(dropout_rng_seed)
+    loss = model(tokens, pos, None, labels=labels)
+    loss.sum().backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["hybridnorm", "postnorm"])
+def test_fused_residual_add_equals_megatrons_bias_dropout_add(megatron_single_rank,
+                                                              forced_kernels, monkeypatch, scheme):
+    """With linear biases (which the fp64 reference model lacks), the fused add + norm against
+    Megatron's own bias-dropout-add followed by the norm (the fusion switched off in the layer),
+    both in fp32, and both against that Megatron path in float64: every gradient of the fused
+    path is within 1e-5 of float64, or no further than twice Megatron's own fp32 error (the
+    q/k-norm weight gradients nearly cancel, so both fp32 paths lose digits there). With hidden
+    dropout in training the layer must take Megatron's path (dropout is not fused)."""
+    from helpers import build_gpt, randomize_norms, tiny_config
+    from megatron_hybridnorm.layer import HybridTransformerLayer
+
+    torch.manual_seed(0)
+    model = build_gpt(tiny_config(add_bias_linear=True), scheme)
+    randomize_norms(model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias") and "layernorm" not in n:
+                p.normal_(0.0, 0.5)
+    fused_loss, fused = _logits_and_grads(model)
+    assert forced_kernels["add_rms_norm"] == {"hybridnorm": 4, "postnorm": 8}[scheme]
+
+    results = {}
+    with monkeypatch.context() as m:  # Megatron's add; the Q/K/V and norm kernels stay on
+        m.setattr(HybridTransformerLayer, "_fuses_add", lambda self, norm: False)
+        for dtype in (torch.float32, torch.float64):
+            if dtype == torch.float64:
+                m.setenv("HYBRIDNORM_KERNELS", "torch")
+            plain = build_gpt(tiny_config(add_bias_linear=True, params_dtype=dtype), scheme)
+            floating = {k: v.to(dtype) for k, v in model.state_dict().items()
+                        if torch.is_tensor(v) and v.is_floating_point()}
+            plain.load_state_dict({**model.state_dict(), **floating})
+            results[dtype] = _logits_and_grads(plain.to(dtype))
+    assert forced_kernels["add_rms_norm"] == {"hybridnorm": 4, "postnorm": 8}[scheme]
+    (plain_loss, plain), (true_loss, truth) = results[torch.float32], results[torch.float64]
+    assert rel_err(fused_loss, true_loss) < 1e-6 and rel_err(plain_loss, true_loss) < 1e-6
+    worse = {}
+    for n in fused:
+        err, megatrons = rel_err(fused[n], truth[n]), rel_err(plain[n], truth[n])
+        if err >= max(1e-5, 2 * megatrons):
+            worse[n] = (err, megatrons)
+    assert not worse, worse
+    assert any(n.endswith("linear_proj.bias") for n in fused)  # the bias path was exercised
+
+    # dropout: Megatron's bias-dropout-add runs, bitwise as with the fusion switched off
+    calls = forced_kernels["add_rms_norm"]
+    drop = build_gpt(tiny_config(add_bias_linear=True, hidden_dropout=0.2), scheme)
+    drop.load_state_dict(model.state_dict())
+    drop_loss, _ = _logits_and_grads(drop, dropout_rng_seed=5)
+    assert forced_kernels["add_rms_norm"] == calls
+    with monkeypatch.context() as m:
+        m.setattr(HybridTransformerLayer, "_fuses_add", lambda self, norm: False)
+        ref = build_gpt(tiny_config(add_bias_linear=True, hidden_dropout=0.2), scheme)
+        ref.load_state_dict(model.state_dict())
+        ref_loss, _ = _logits_and_grads(ref, dropout_rng_seed=5)
+    assert torch.equal(drop_loss, ref_loss) and not torch.equal(drop_loss, fused_loss)
+    drop.eval()  # no dropout in eval: fused again
+    with torch.no_grad():
+        from helpers import batch
+
+        tokens, _, pos = batch()
+        drop(tokens, pos, None)
+    assert forced_kernels["add_rms_norm"] > calls
 
 
 @pytest.mark.slow
 def test_tensor_parallel_training_with_the_kernels(monkeypatch):
     """TP=2 + SP against one rank with the kernels forced on every rank: the per-head weights'
-    TP gradient handling goes through the fused kernel's weight gradient."""
+    TP gradient handling goes through the fused kernel's weight gradient, the full-width norm's
+    statistics are summed over the TP group between the kernel's passes, and the residual add +
+    norm runs on sequence-parallel shards."""
     from megatron_hybridnorm.testing import Parallel, run_distributed
     from test_tensor_parallel import assert_same_training
 
     import dist_cases
 
     monkeypatch.setenv("HYBRIDNORM_KERNELS", "triton")  # inherited by the spawned ranks
-    cases = [dict(scheme="hybridnorm_star", sp=True)]
-    one = run_distributed(dist_cases.train_cases, 1, Parallel(), args=(cases,), timeout=900)[0]
-    tp2 = run_distributed(dist_cases.train_cases, 2, Parallel(tp=2), args=(cases,), timeout=900)
-    assert_same_training(one[0], [r[0] for r in tp2])
+    cases = [dict(scheme="hybridnorm_star", sp=True),
+             dict(scheme="hybridnorm_star", sp=True, qkv_norm="full")]
+    run = dist_cases.train_cases_counting_kernels
+    one = run_distributed(run, 1, Parallel(), args=(cases,), timeout=900)[0]
+    tp2 = run_distributed(run, 2, Parallel(tp=2), args=(cases,), timeout=900)
+    for i, case in enumerate(cases):
+        assert_same_training(one[i], [r[i] for r in tp2])
+        for result in [one[i]] + [r[i] for r in tp2]:
+            calls = result["kernel_calls"]
+            assert calls["add_rms_norm"] > 0 and calls["rms_norm"] > 0, calls
+            assert calls["qkv_full_norm" if case.get("qkv_norm") == "full" else "qkv_norm"] > 0

@@ -11,6 +11,7 @@ import os
 
 MODES = ("auto", "triton", "torch")
 MAX_HEAD_DIM = 256  # the fused Q/K/V norm keeps a group's heads in registers
+MAX_FULL_ROW = 2**16  # the full-width Q/K/V norm keeps a token's q (padded to powers of 2) in registers
 
 
 def kernel_mode() -> str:
@@ -46,3 +47,18 @@ def fused_qkv_norm(*args, **kwargs):
     from .qkv_norm import qkv_norm as fused
 
     return fused(*args, **kwargs)
+
+
+def fused_qkv_full_norm(*args, **kwargs):
+    """See ``kernels/qkv_full_norm.py`` (imports Triton on first use)."""
+    from .qkv_full_norm import qkv_full_norm as fused
+
+    return fused(*args, **kwargs)
+
+
+def full_row_fits(groups: int, heads_per_group: int, head_dim: int) -> bool:
+    """Whether the full-width Q/K/V norm kernel takes this rank's q row."""
+    def pow2(n):
+        return 1 << (n - 1).bit_length()
+
+    return pow2(groups) * pow2(heads_per_group * head_dim) <= MAX_FULL_ROW

@@ -1,6 +1,9 @@
 """Row-wise RMSNorm in Triton: y = x * rsqrt(mean(x^2) + eps) * (w + offset), fp32 math.
 
-Forward saves only rstd (one fp32 per row) besides the input; backward recomputes x_hat.
+``add_rms_norm`` normalizes a residual sum s = x + a (+ bias) in the same pass: HybridNorm's
+FFN norm and Post-Norm's norms take the residual add with them, so s is written once (it is
+what the backward needs) instead of being written by the add and read back by the norm.
+Forward saves only the normalized input and rstd (one fp32 per row); backward recomputes x_hat.
 The weight gradient is reduced in two fp32 stages: per-program partial sums, then torch.sum.
 """
 
@@ -19,16 +22,25 @@ def _empty(shape, dtype, device):
 
 
 @triton.jit
-def _fwd(X, W, Y, RSTD, n_rows, n_cols, eps, offset,
-         BLOCK: tl.constexpr, ROWS: tl.constexpr):
+def _fwd(X, A, B, S, W, Y, RSTD, n_rows, n_cols, eps, offset,
+         ADD: tl.constexpr, BIAS: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     cmask = cols < n_cols
     w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32) + offset
+    if BIAS:
+        b = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
     for i in range(ROWS):
         row = pid * ROWS + i
         if row < n_rows:
             x = tl.load(X + row * n_cols + cols, mask=cmask, other=0.0).to(tl.float32)
+            if ADD:
+                x += tl.load(A + row * n_cols + cols, mask=cmask, other=0.0).to(tl.float32)
+                if BIAS:
+                    x += b
+                s = x.to(S.dtype.element_ty)  # the sum as the unfused add would store it
+                tl.store(S + row * n_cols + cols, s, mask=cmask)
+                x = s.to(tl.float32)
             rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
             tl.store(RSTD + row, rstd)
             tl.store(Y + row * n_cols + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=cmask)
@@ -57,37 +69,83 @@ def _bwd(X, W, DY, RSTD, DX, DW_PART, n_rows, n_cols, offset,
     tl.store(DW_PART + pid * n_cols + cols, dw, mask=cmask)
 
 
+def _launch(rows: int, cols: int):
+    return (triton.cdiv(rows, ROWS_PER_PROGRAM),), triton.next_power_of_2(cols)
+
+
+def _forward(x2, a2, bias, weight, eps, offset):
+    """Normalized rows (and the residual sum when ``a2`` is given), rstd."""
+    rows, cols = x2.shape
+    grid, block = _launch(rows, cols)
+    add = a2 is not None
+    dtype = torch.promote_types(x2.dtype, a2.dtype) if add else x2.dtype
+    s = _empty(x2.shape, dtype, x2.device) if add else x2
+    y = _empty(x2.shape, dtype, x2.device)
+    rstd = _empty((rows,), torch.float32, x2.device)
+    _fwd[grid](x2, a2 if add else x2, bias if bias is not None else weight, s, weight, y, rstd,
+               rows, cols, eps, offset, ADD=add, BIAS=bias is not None, BLOCK=block,
+               ROWS=ROWS_PER_PROGRAM)
+    return y, s, rstd
+
+
+def _backward(s2, weight, dy, rstd, offset):
+    """Gradients of the normalized input (fp32-math, in its dtype) and of the weight."""
+    rows, cols = s2.shape
+    grid, block = _launch(rows, cols)
+    dy2 = dy.reshape(rows, cols).contiguous()
+    ds = _empty(s2.shape, s2.dtype, s2.device)
+    dw_part = _empty((grid[0], cols), torch.float32, s2.device)
+    _bwd[grid](s2, weight, dy2, rstd, ds, dw_part, rows, cols, offset,
+               BLOCK=block, ROWS=ROWS_PER_PROGRAM)
+    return ds, dw_part.sum(0).to(weight.dtype)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1]).contiguous()
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, offset):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).contiguous()
-        rows, cols = x2.shape
-        block = triton.next_power_of_2(cols)
-        programs = triton.cdiv(rows, ROWS_PER_PROGRAM)
-        y = _empty(x2.shape, x.dtype, x.device)
-        rstd = _empty((rows,), torch.float32, x.device)
-        _fwd[(programs,)](x2, weight, y, rstd, rows, cols, eps, offset,
-                          BLOCK=block, ROWS=ROWS_PER_PROGRAM)
+        x2 = _rows(x)
+        y, _, rstd = _forward(x2, None, None, weight, eps, offset)
         ctx.save_for_backward(x2, weight, rstd)
-        ctx.offset, ctx.shape = offset, shape
-        return y.reshape(shape)
+        ctx.offset = offset
+        return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         x2, weight, rstd = ctx.saved_tensors
-        rows, cols = x2.shape
-        block = triton.next_power_of_2(cols)
-        programs = triton.cdiv(rows, ROWS_PER_PROGRAM)
-        dy2 = dy.reshape(rows, cols).contiguous()
-        dx = _empty(x2.shape, x2.dtype, x2.device)
-        dw_part = _empty((programs, cols), torch.float32, x2.device)
-        _bwd[(programs,)](x2, weight, dy2, rstd, dx, dw_part, rows, cols, ctx.offset,
-                          BLOCK=block, ROWS=ROWS_PER_PROGRAM)
-        dw = dw_part.sum(0).to(weight.dtype)
-        return dx.reshape(ctx.shape), dw, None, None
+        dx, dw = _backward(x2, weight, dy, rstd, ctx.offset)
+        return dx.view(dy.shape), dw, None, None
+
+
+class _AddRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, a, bias, weight, eps, offset):
+        y, s, rstd = _forward(_rows(x), _rows(a), bias, weight, eps, offset)
+        ctx.save_for_backward(s, weight, rstd)
+        ctx.offset, ctx.dtypes = offset, (x.dtype, a.dtype, None if bias is None else bias.dtype)
+        return y.view(a.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        s, weight, rstd = ctx.saved_tensors
+        ds, dw = _backward(s, weight, dy, rstd, ctx.offset)
+        x_dtype, a_dtype, bias_dtype = ctx.dtypes
+        dbias = None if bias_dtype is None else ds.float().sum(0).to(bias_dtype)
+        ds = ds.view(dy.shape)
+        return ds.to(x_dtype), ds.to(a_dtype), dbias, dw, None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool = False):
     """RMSNorm over the last dim (width up to 64K), output in x's dtype."""
     return _RMSNorm.apply(x, weight, eps, 1.0 if zero_centered else 0.0)
+
+
+def add_rms_norm(x: torch.Tensor, a: torch.Tensor, bias: torch.Tensor | None,
+                 weight: torch.Tensor, eps: float, zero_centered: bool = False):
+    """RMSNorm of x + a (+ bias, broadcast over rows), output in the promoted dtype of x and a."""
+    if x.shape != a.shape:
+        raise ValueError(f"add_rms_norm: x {tuple(x.shape)} and a {tuple(a.shape)} differ")
+    return _AddRMSNorm.apply(x, a, bias, weight, eps, 1.0 if zero_centered else 0.0)

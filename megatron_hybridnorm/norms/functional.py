@@ -26,6 +26,12 @@ def rms_norm(x, weight, eps, zero_centered_gamma):
     return triton_rms_norm(x, weight, eps, zero_centered_gamma)
 
 
+def add_rms_norm(x, a, a_bias, weight, eps, zero_centered_gamma):
+    from ..kernels.rmsnorm import add_rms_norm as triton_add_rms_norm
+
+    return triton_add_rms_norm(x, a, a_bias, weight, eps, zero_centered_gamma)
+
+
 def normalize(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -59,6 +65,25 @@ def normalize(
     else:
         y = F.layer_norm(xf, width, w, None if bias is None else bias.float(), eps)
     return y.to(x.dtype)
+
+
+def add_normalize(
+    residual: torch.Tensor,
+    out: torch.Tensor,
+    out_bias: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    kind: str,
+    zero_centered_gamma: bool = False,
+) -> torch.Tensor:
+    """``normalize(residual + out + out_bias)``: a sublayer's residual add (Megatron's
+    bias-dropout-add without dropout) and the norm after it. RMSNorm on CUDA is one Triton
+    pass (``kernels/rmsnorm.py``); otherwise the add and the norm run as Megatron's would."""
+    if kind == "RMSNorm" and use_triton(out):
+        return add_rms_norm(residual, out, out_bias, weight, eps, zero_centered_gamma)
+    total = residual + (out if out_bias is None else out + out_bias)
+    return normalize(total, weight, bias, eps, kind, zero_centered_gamma)
 
 
 class ScaleGrad(torch.autograd.Function):

@@ -6,6 +6,7 @@ import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from .base import NormBase
+from .functional import add_normalize
 
 
 class Norm(NormBase):
@@ -21,8 +22,15 @@ class Norm(NormBase):
         for p in self.parameters():
             p.sequence_parallel = config.sequence_parallel
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._normalize(x)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                x_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """N(x); with ``residual``, N(residual + x + x_bias): the residual add of the sublayer
+        whose output is x, fused into the norm (one Triton pass for RMSNorm on CUDA).
+        ``HybridTransformerLayer`` passes them where no dropout sits between add and norm."""
+        if residual is None:
+            return self._normalize(x)
+        return add_normalize(residual, x, x_bias, self.weight, self.bias, self.eps, self.kind,
+                             self.zero_centered_gamma)
 
 
 class PostNorm(Norm):
@@ -34,6 +42,7 @@ class PostNorm(Norm):
 
     returns_residual = True
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n = self._normalize(x)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                x_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        n = super().forward(x, residual, x_bias)
         return n, n
