@@ -9,7 +9,14 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.torch_norm import LayerNormBuilder
 from megatron.core.typed_torch import apply_module
 
-from .kernels import MAX_HEAD_DIM, full_row_fits, fused_qkv_full_norm, fused_qkv_norm, use_triton
+from .kernels import (
+    MAX_HEAD_DIM,
+    full_row_fits,
+    fused_qkv_full_norm,
+    fused_qkv_norm,
+    rope_tables,
+    use_triton,
+)
 from .norms import FullWidthNorm, HeadNorm
 
 
@@ -36,6 +43,7 @@ class QKVNormSelfAttention(SelfAttention):
             self.q_layernorm = self._build_head_norm(submodules.q_layernorm)
             self.k_layernorm = self._build_head_norm(submodules.k_layernorm)
         self.v_layernorm = self._build_head_norm(submodules.v_layernorm)
+        self._pending_rope = None
 
     def _build_head_norm(self, builder):
         if builder is None or builder is IdentityOp:
@@ -68,10 +76,56 @@ class QKVNormSelfAttention(SelfAttention):
             return "head" if hd <= MAX_HEAD_DIM else None
         return "full" if full_row_fits(groups, P, hd) else None
 
+    def _fusable_rope(self, hidden_states, args, kwargs):
+        """Megatron's rotary ``freqs`` when the per-head kernel can apply RoPE itself: plain
+        self-attention (sbhd, no packed sequences, no CP, no inference context) with the same
+        angles for q and k. Otherwise None, and Megatron applies RoPE as usual."""
+        rope = kwargs.get("rotary_pos_emb")
+        if isinstance(rope, tuple):
+            rope = rope[0] if len(rope) == 2 and rope[0] is rope[1] else None
+        no_rope = self.config.no_rope_freq and self.config.no_rope_freq[self.layer_number - 1]
+        if (
+            rope is None
+            or args
+            or no_rope
+            or any(kwargs.get(k) is not None for k in (
+                "key_value_states", "inference_context", "inference_params", "packed_seq_params",
+                "rotary_pos_cos", "rotary_pos_sin", "rotary_pos_cos_sin"))
+            or self.config.flash_decode
+            or self.config.multi_latent_attention
+            or self.pg_collection.cp.size() > 1
+            or rope.dim() != 4
+            or rope.shape[-1] > self.hidden_size_per_attention_head
+            or rope.shape[-1] % 2
+        ):
+            return None
+        fused = self._fused_qkv_norms(hidden_states, self.config.attention_output_gate, True)
+        return rope if fused == "head" else None
+
+    def forward(self, hidden_states, attention_mask, *args, **kwargs):
+        """Megatron's forward; where ``_fusable_rope`` allows, RoPE moves into the Q/K/V norm
+        kernel (``get_query_key_value_tensors``) and Megatron gets no rotary embedding to apply."""
+        rope = self._fusable_rope(hidden_states, args, kwargs)
+        if rope is None:
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
+        self._pending_rope = rope
+        try:
+            return super().forward(
+                hidden_states, attention_mask, *args, **{**kwargs, "rotary_pos_emb": None}
+            )
+        finally:
+            self._pending_rope = None
+
     def get_query_key_value_tensors(
         self, hidden_states, key_value_states=None, output_gate=False, split_qkv=True
     ):
         fused = self._fused_qkv_norms(hidden_states, output_gate, split_qkv)
+        rope, self._pending_rope = self._pending_rope, None
+        if rope is not None and fused != "head":
+            raise RuntimeError(
+                "QKVNormSelfAttention: RoPE was left to the fused Q/K/V norm, which did not run; "
+                "set HYBRIDNORM_KERNELS=torch and report this"
+            )
         if fused is not None:
             mixed, _ = apply_module(self.linear_qkv)(hidden_states)
             groups = self.num_query_groups_per_partition
@@ -89,6 +143,10 @@ class QKVNormSelfAttention(SelfAttention):
                     mixed, q.weight, k.weight, None if v is None else v.weight,
                     widths=(q.global_width, k.global_width), group=group, **common,
                 )
+            if rope is not None:
+                hd = self.hidden_size_per_attention_head
+                common["rope"] = rope_tables(rope, mixed.shape[0], hd, self._yarn_concentration_factor)
+                common["rope_interleaved"] = self.config.rotary_interleaved
             return fused_qkv_norm(
                 mixed,
                 q.scaled(q.weight),

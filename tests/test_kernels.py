@@ -184,6 +184,70 @@ def test_fused_qkv_norm_matches_fp64(mode, dtype, shape, norm_v):
         assert ws[2].grad is None
 
 
+def ref_rope(t, freqs, interleaved, mscale):
+    """Megatron's RoPE (bshd) in float64: the first rot_dim positions rotate, the rest pass."""
+    rot = freqs.shape[-1]
+    t, rest = t[..., :rot], t[..., rot:]
+    if interleaved:
+        x1, x2 = t[..., ::2], t[..., 1::2]
+        rotated = torch.stack((-x2, x1), dim=-1).view(t.shape)
+    else:
+        x1, x2 = torch.chunk(t, 2, dim=-1)
+        rotated = torch.cat((-x2, x1), dim=-1)
+    f = freqs.double()
+    return torch.cat((t * torch.cos(f) * mscale + rotated * torch.sin(f) * mscale, rest), dim=-1)
+
+
+ROPE_CASES = [  # shape (sq, b, groups, P, hd), rotary dim, interleaved, mscale
+    ((5, 3, 2, 3, 48), 48, False, 1.0),
+    ((4, 2, 1, 4, 64), 32, False, 1.0),    # partial rotary: half the head passes through
+    ((3, 2, 2, 2, 72), 72, True, 1.0),     # interleaved pairs
+    ((3, 1, 4, 1, 256), 128, False, 1.3),  # YaRN-style mscale
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ROPE_CASES, ids=[str(c) for c in ROPE_CASES])
+@pytest.mark.parametrize("norm_v", [True, False])
+def test_fused_qkv_norm_with_rope_matches_fp64(dtype, case, norm_v):
+    """Norm, then RoPE on q and k (v is never rotated), in one pass, against Megatron's RoPE
+    applied to the fp64 reference's normalized heads; gradients through both."""
+    from megatron_hybridnorm.kernels.qkv_norm import qkv_norm, rope_tables
+
+    (sq, b, ng, P, hd), rot, interleaved, mscale = case
+    mixed = rand(sq, b, ng, (P + 2) * hd, dtype=dtype, seed=3, scale=2.0).requires_grad_(True)
+    ws = [(rand(hd, dtype=torch.float32, seed=4 + i) * 0.3 + 1.0).requires_grad_(True)
+          for i in range(3)]
+    inv = 1.0 / (10000 ** (torch.arange(0, rot, 2, dtype=torch.float64) / rot))
+    angles = torch.outer(torch.arange(sq + 2, dtype=torch.float64), inv)  # longer than sq
+    freqs = (torch.stack((angles, angles), -1).flatten(-2) if interleaved
+             else torch.cat((angles, angles), -1))[:, None, None, :]
+    q, k, v = qkv_norm(mixed, ws[0], ws[1], ws[2] if norm_v else None, heads_per_group=P,
+                       head_dim=hd, eps=1e-5, rope=rope_tables(freqs.float(), sq, hd, mscale),
+                       rope_interleaved=interleaved)
+    grads = [rand(*t.shape, dtype=dtype, seed=10 + i) for i, t in enumerate((q, k, v))]
+    torch.autograd.backward((q, k, v), grads)
+
+    m = mixed.detach().double().requires_grad_(True)
+    wr = [w.detach().double().requires_grad_(True) for w in ws]
+    Q, K, V = ref_head_qkv(m, wr, ng, P, hd, norm_v)
+    f = freqs[:sq].float().double()  # the kernel gets fp32 angles, as Megatron's are
+    Q, K = ref_rope(Q, f, interleaved, mscale), ref_rope(K, f, interleaved, mscale)
+    torch.autograd.backward((Q, K, V), [g.double() for g in grads])
+    for name, a, r in (("q", q, Q), ("k", k, K), ("v", v, V), ("d_mixed", mixed.grad, m.grad)):
+        close(a, r, dtype, name)
+    wdt = torch.float32 if dtype == torch.float32 else dtype
+    for i in range(3 if norm_v else 2):
+        close(ws[i].grad, wr[i].grad, wdt, f"dw{'qkv'[i]}")
+
+
+def test_rope_tables_refuse_odd_or_oversized_rotary_dims():
+    from megatron_hybridnorm.kernels.qkv_norm import rope_tables
+
+    with pytest.raises(ValueError, match="even and at most head_dim"):
+        rope_tables(torch.zeros(4, 1, 1, 80), 4, 64)
+
+
 def test_full_width_qkv_norm_statistics_span_the_tensor_parallel_group():
     """Two gloo ranks each hold half the KV groups: together they give the one-rank result."""
     from megatron_hybridnorm.testing import run_distributed
@@ -259,6 +323,16 @@ def forced_kernels(monkeypatch):
             return _f(*a, **k)
 
         monkeypatch.setattr(mod, name, counted)
+    import megatron.core.transformer.attention as megatron_attention
+
+    calls["megatron_rope"] = 0
+    original_rope = megatron_attention.apply_rotary_pos_emb
+
+    def counted_rope(*a, **k):
+        calls["megatron_rope"] += 1
+        return original_rope(*a, **k)
+
+    monkeypatch.setattr(megatron_attention, "apply_rotary_pos_emb", counted_rope)
     return calls
 
 
@@ -297,6 +371,9 @@ def test_models_match_the_reference_with_the_kernels(megatron_single_rank, force
     assert forced_kernels["add_rms_norm"] == 2 * FUSED_ADDS[scheme]  # 2 forward passes
     qkv_calls = 2 * 4 if scheme != "postnorm" else 0
     assert forced_kernels[{"head": "qkv_norm", "full": "qkv_full_norm"}[qkv_norm]] == qkv_calls
+    # RoPE: inside the per-head kernel; Megatron's (q and k, 4 layers, 2 passes) otherwise
+    fused_rope = qkv_norm == "head" and scheme != "postnorm"
+    assert forced_kernels["megatron_rope"] == (0 if fused_rope else 2 * 4 * 2)
 
 
 def _logits_and_grads(model, dropout_rng_seed=0):

@@ -49,6 +49,13 @@ def fused_qkv_norm(*args, **kwargs):
     return fused(*args, **kwargs)
 
 
+def rope_tables(*args, **kwargs):
+    """See ``kernels/qkv_norm.py``."""
+    from .qkv_norm import rope_tables as tables
+
+    return tables(*args, **kwargs)
+
+
 def fused_qkv_full_norm(*args, **kwargs):
     """See ``kernels/qkv_full_norm.py`` (imports Triton on first use)."""
     from .qkv_full_norm import qkv_full_norm as fused
