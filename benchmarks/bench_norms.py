@@ -6,8 +6,9 @@ Prints and writes (JSON), all measured in this run on this card:
 - the device-copy bandwidth (the baseline for the kernels' bandwidth fractions);
 - forward+backward time and achieved bandwidth of the Triton RMSNorm (16384 x 4096), the fused
   residual add + RMSNorm (HybridNorm's FFN norm, same shape) and the fused Q/K/V norm (16384
-  tokens, 32 q heads / 8 KV heads, head_dim 64), against the torch paths they replace. The
-  bandwidth counts the bytes the fused kernel must move, for both paths;
+  tokens, 32 q heads / 8 KV heads, head_dim 64; also with RoPE in the same pass, against
+  Megatron's RoPE alone, which is Pre-Norm's attention pre-processing), against the torch
+  paths they replace. The bandwidth counts the bytes the fused kernel must move, for both;
 - forward+backward time and peak memory of the paper's 1.2B block (16 layers, d 2048, 32 / 8
   heads, SwiGLU 8192, seq 4096, micro-batch 2, bf16) as Pre-Norm and HybridNorm, each with torch
   norms and with the kernels, on the same local linears and SDPA attention.
@@ -102,34 +103,57 @@ def bench_add_rms_norm(s, device, dtype, iters, warmup, copy_bw) -> dict:
 
 
 def bench_qkv_norm(s, device, dtype, iters, warmup, copy_bw) -> dict:
-    from megatron_hybridnorm.kernels.qkv_norm import qkv_norm
+    """The three per-head norms, eager and fused, each without and with RoPE on q and k; and
+    Megatron's RoPE alone (Pre-Norm's attention pre-processing)."""
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_hybridnorm.kernels.qkv_norm import qkv_norm, rope_tables
     from megatron_hybridnorm.norms.functional import normalize
 
     P, hd, g = s["heads"] // s["groups"], s["hidden"] // s["heads"], s["groups"]
-    mixed = torch.randn(s["qkv_tokens"], g, (P + 2) * hd, device=device, dtype=dtype,
+    seq = s["seq"]
+    batch = s["qkv_tokens"] // seq
+    mixed = torch.randn(seq, batch, g, (P + 2) * hd, device=device, dtype=dtype,
                         requires_grad=True)
     ws = [torch.ones(hd, device=device, requires_grad=True) for _ in range(3)]
+    freqs = RotaryEmbedding(kv_channels=hd, rotary_percent=1.0, rotary_base=500000)(seq).to(device)
+    cfg = TransformerConfig(num_layers=1, hidden_size=s["hidden"], num_attention_heads=s["heads"],
+                            apply_rope_fusion=False)
+
+    def split():
+        heads = mixed.view(seq, batch, g, P + 2, hd)
+        return heads[..., :P, :].reshape(seq, batch, g * P, hd), heads[..., P, :], heads[..., P + 1, :]
 
     def eager():
-        heads = mixed.view(s["qkv_tokens"], g, P + 2, hd)
-        q = normalize(heads[:, :, :P], ws[0], None, 1e-5, "RMSNorm", impl="torch")
-        k = normalize(heads[:, :, P], ws[1], None, 1e-5, "RMSNorm", impl="torch")
-        v = normalize(heads[:, :, P + 1], ws[2], None, 1e-5, "RMSNorm", impl="torch")
-        return q, k, v
+        q, k, v = split()
+        return tuple(normalize(t, w, None, 1e-5, "RMSNorm", impl="torch")
+                     for t, w in zip((q, k, v), ws))
 
-    def fused():
-        return qkv_norm(mixed, *ws, heads_per_group=P, head_dim=hd, eps=1e-5)
+    def rope(q, k, v):
+        return (apply_rotary_pos_emb(q, freqs, config=cfg), apply_rotary_pos_emb(k, freqs, config=cfg),
+                v)
 
+    def fused(with_rope=False):
+        tables = rope_tables(freqs, seq, hd) if with_rope else None
+        return qkv_norm(mixed, *ws, heads_per_group=P, head_dim=hd, eps=1e-5, rope=tables)
+
+    variants = (("torch", eager), ("triton", fused), ("rope_alone", lambda: rope(*split())),
+                ("torch_then_rope", lambda: rope(*eager())),
+                ("triton_with_rope", lambda: fused(with_rope=True)))
     out = {}
-    for name, fn in (("torch", eager), ("triton", fused)):
+    for name, fn in variants:
         def step():
             mixed.grad = None
             outs = fn()
             torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
 
         t = timed(step, iters, warmup)
-        moved = 5 * mixed.numel() * mixed.element_size()
+        moved = 5 * mixed.numel() * mixed.element_size()  # read, write q/k/v; read dq/dk/dv, write
         out[name] = dict(seconds=t, bandwidth_fraction=moved / t / copy_bw)
+    out["time_triton_with_rope_over_rope_alone"] = (out["triton_with_rope"]["seconds"]
+                                                   / out["rope_alone"]["seconds"])
     return out
 
 
