@@ -33,13 +33,13 @@ class HybridTransformerLayer(TransformerLayer):
     ``norms`` (the ``LayerNorms`` layout the spec was built from) is saved in checkpoints as the
     layer's extra state; loading a checkpoint whose layer had other norms is refused.
 
-    Where a norm directly follows a residual add (HybridNorm's FFN norm, Post-Norm's two norms)
-    and no dropout is active, the add runs inside the norm (``Norm.forward`` with ``residual``,
-    one Triton pass on CUDA): Megatron's ``self_attn_bda`` hands its inputs over to the pre-MLP
-    norm instead of adding, and the MLP's add goes straight into ``post_mlp_layernorm``. The
-    norm module is still called, so its hooks run (its input is then the sublayer output, the
-    residual a keyword). With dropout, activation offloading or a recomputed pre-MLP norm,
-    Megatron's own path runs.
+    Where a norm directly follows a residual add (HybridNorm's FFN norm, Post-Norm's two norms),
+    Megatron's bias-dropout-add runs inside the norm (``Norm.forward`` with ``residual``, one
+    Triton pass on CUDA): ``self_attn_bda`` hands its inputs over to the pre-MLP norm instead of
+    adding, and the MLP's output goes straight into ``post_mlp_layernorm``. The norm module is
+    still called, so its hooks run (its input is then the sublayer output, the residual a
+    keyword). With activation offloading of the norms or a recomputed pre-MLP norm, Megatron's
+    own path runs.
     """
 
     def __init__(
@@ -60,7 +60,7 @@ class HybridTransformerLayer(TransformerLayer):
         self._pending_add = None
         pre_mlp = self.pre_mlp_layernorm
         if self._fuses_add(pre_mlp) and getattr(pre_mlp, "returns_residual", False):
-            self.self_attn_bda = self._handing_over(self.self_attn_bda)
+            self.self_attn_bda = self._hand_over_bda
 
     def _fuses_add(self, norm) -> bool:
         return (
@@ -72,32 +72,21 @@ class HybridTransformerLayer(TransformerLayer):
             and not self.config.inference_fuse_tp_communication  # that adds inside the linears
         )
 
-    @staticmethod
-    def _dropout_active(training: bool, prob: float) -> bool:
-        return training and prob > 0
+    def _hand_over_bda(self, training: bool, fused: bool):
+        """Stands in for Megatron's ``get_bias_dropout_add``: the attention output goes on
+        unchanged and (output, residual, bias, dropout probability) wait for the pre-MLP norm."""
 
-    def _handing_over(self, get_bda):
-        """Wraps Megatron's ``get_bias_dropout_add``: without dropout, the attention output goes
-        on unchanged and (output, residual, bias) wait for ``_forward_pre_mlp_layernorm``."""
+        def hand_over(out_with_bias, residual, prob):
+            out, bias = out_with_bias
+            self._pending_add = (out, residual, bias, prob if training else 0.0)
+            return out
 
-        def get(training: bool, fused: bool):
-            bda = get_bda(training, fused)
-
-            def hand_over(out_with_bias, residual, prob):
-                if self._dropout_active(training, prob):
-                    return bda(out_with_bias, residual, prob)
-                out, bias = out_with_bias
-                self._pending_add = (out, residual, bias)
-                return out
-
-            return hand_over
-
-        return get
+        return hand_over
 
     def _forward_pre_mlp_layernorm(self, hidden_states):
         if self._pending_add is None:
             return super()._forward_pre_mlp_layernorm(hidden_states)
-        out, residual, bias = self._pending_add
+        out, residual, bias, prob = self._pending_add
         self._pending_add = None
         if out is not hidden_states:
             raise RuntimeError(
@@ -106,7 +95,9 @@ class HybridTransformerLayer(TransformerLayer):
                 "report this (a Megatron code path between attention and MLP changed it)"
             )
         self.mlp_norm_manager = None
-        return apply_module(self.pre_mlp_layernorm)(out, residual=residual, x_bias=bias)
+        return apply_module(self.pre_mlp_layernorm)(
+            out, residual=residual, x_bias=bias, dropout_p=prob
+        )
 
     def get_extra_state(self):
         return {"norms": asdict(self.norms) if self.norms is not None else None}
@@ -125,10 +116,11 @@ class HybridTransformerLayer(TransformerLayer):
         norm = self.post_mlp_layernorm
         if isinstance(norm, IdentityOp):
             return super()._forward_post_mlp(mlp_output_with_bias, residual)
-        if self._fuses_add(norm) and not self._dropout_active(self.training, self.hidden_dropout):
+        if self._fuses_add(norm):
             self.mlp_norm_manager = None
             out, bias = mlp_output_with_bias
-            output = apply_module(norm)(out, residual=residual, x_bias=bias)
+            prob = self.hidden_dropout if self.training else 0.0
+            output = apply_module(norm)(out, residual=residual, x_bias=bias, dropout_p=prob)
         else:
             output = super()._forward_post_mlp(mlp_output_with_bias, residual)
             output = apply_module(norm)(output)

@@ -108,6 +108,55 @@ def test_add_rms_norm_matches_fp64(dtype, shape, x_dtype, bias):
         close(b.grad, br.grad, dtype, "dbias")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,p", [((37, 200), 0.3), ((3, 1000), 0.1)])
+def test_add_rms_norm_with_dropout_matches_fp64_under_its_mask(dtype, shape, p):
+    """N(x + dropout(a + bias)): the mask is Philox's draw at the seed taken from torch's
+    generator; rebuilt here with the same draw, the fp64 reference uses it in forward and
+    backward. The drop rate is p, the same torch seed gives the same result, another does not."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def draw(SEED, OUT, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(OUT + offs, tl.rand(tl.load(SEED), offs), mask=offs < n)
+
+    x = rand(*shape, dtype=dtype, seed=0, scale=2.0).requires_grad_(True)
+    a = rand(*shape, dtype=dtype, seed=1).requires_grad_(True)
+    b = rand(shape[-1], dtype=dtype, seed=2).requires_grad_(True)
+    w = (rand(shape[-1], dtype=torch.float32, seed=3) * 0.3 + 1.0).requires_grad_(True)
+    torch.manual_seed(11)
+    y = rms_mod.add_rms_norm(x, a, b, w, 1e-5, dropout_p=p)
+    dy = rand(*shape, dtype=dtype, seed=4)
+    y.backward(dy)
+
+    torch.manual_seed(11)
+    seed = torch.randint(0, 2**31 - 1, (1,), device=DEVICE, dtype=torch.int64)
+    uniform = torch.empty(x.numel(), device=DEVICE)
+    draw[(triton.cdiv(x.numel(), 1024),)](seed, uniform, x.numel(), BLOCK=1024)
+    keep = (uniform >= p).view(shape)
+    assert abs(1 - keep.double().mean().item() - p) < 0.03  # the drop rate
+
+    xr, ar, br, wr = (t.detach().double().requires_grad_(True) for t in (x, a, b, w))
+    s = xr + torch.where(keep, (ar + br) / (1 - p), 0.0)
+    s = s + (s.to(dtype).double() - s).detach()
+    ref_rms(s, wr).backward(dy.double())
+    with torch.no_grad():
+        yr = ref_rms(s, wr)
+    close(y, yr, dtype, "y")
+    close(x.grad, xr.grad, dtype, "dx")
+    close(a.grad, ar.grad, dtype, "da")
+    close(b.grad, br.grad, dtype, "dbias")
+    close(w.grad, wr.grad, torch.float32 if dtype == torch.float32 else dtype, "dw")
+    assert (a.grad[~keep] == 0).all()
+
+    torch.manual_seed(11)
+    assert torch.equal(rms_mod.add_rms_norm(x, a, b, w, 1e-5, dropout_p=p), y)
+    torch.manual_seed(12)
+    assert not torch.equal(rms_mod.add_rms_norm(x, a, b, w, 1e-5, dropout_p=p), y)
+
+
 def test_add_rms_norm_refuses_mismatched_shapes():
     with pytest.raises(ValueError, match="differ"):
         rms_mod.add_rms_norm(torch.zeros(2, 4), torch.zeros(1, 4), None, torch.ones(4), 1e-5)
@@ -395,8 +444,9 @@ def test_fused_residual_add_equals_megatrons_bias_dropout_add(megatron_single_ra
     Megatron's own bias-dropout-add followed by the norm (the fusion switched off in the layer),
     both in fp32, and both against that Megatron path in float64: every gradient of the fused
     path is within 1e-5 of float64, or no further than twice Megatron's own fp32 error (the
-    q/k-norm weight gradients nearly cancel, so both fp32 paths lose digits there). With hidden
-    dropout in training the layer must take Megatron's path (dropout is not fused)."""
+    q/k-norm weight gradients nearly cancel, so both fp32 paths lose digits there). Hidden
+    dropout is fused too (its mask is tested in test_add_rms_norm_with_dropout_...); on the torch
+    path the handed-over add is bitwise Megatron's bias-dropout-add."""
     from helpers import build_gpt, randomize_norms, tiny_config
     from megatron_hybridnorm.layer import HybridTransformerLayer
 
@@ -432,25 +482,27 @@ def test_fused_residual_add_equals_megatrons_bias_dropout_add(megatron_single_ra
     assert not worse, worse
     assert any(n.endswith("linear_proj.bias") for n in fused)  # the bias path was exercised
 
-    # dropout: Megatron's bias-dropout-add runs, bitwise as with the fusion switched off
+    # hidden dropout in training: fused too; the same torch seed gives the same loss
     calls = forced_kernels["add_rms_norm"]
     drop = build_gpt(tiny_config(add_bias_linear=True, hidden_dropout=0.2), scheme)
     drop.load_state_dict(model.state_dict())
     drop_loss, _ = _logits_and_grads(drop, dropout_rng_seed=5)
-    assert forced_kernels["add_rms_norm"] == calls
-    with monkeypatch.context() as m:
-        m.setattr(HybridTransformerLayer, "_fuses_add", lambda self, norm: False)
-        ref = build_gpt(tiny_config(add_bias_linear=True, hidden_dropout=0.2), scheme)
-        ref.load_state_dict(model.state_dict())
-        ref_loss, _ = _logits_and_grads(ref, dropout_rng_seed=5)
-    assert torch.equal(drop_loss, ref_loss) and not torch.equal(drop_loss, fused_loss)
-    drop.eval()  # no dropout in eval: fused again
-    with torch.no_grad():
-        from helpers import batch
-
-        tokens, _, pos = batch()
-        drop(tokens, pos, None)
     assert forced_kernels["add_rms_norm"] > calls
+    assert torch.equal(_logits_and_grads(drop, dropout_rng_seed=5)[0], drop_loss)
+    assert not torch.equal(drop_loss, fused_loss)
+    drop.eval()  # no dropout in eval
+    assert rel_err(_logits_and_grads(drop)[0], fused_loss) < 1e-6
+    # on the torch path the handed-over add draws torch's dropout exactly as Megatron's does
+    monkeypatch.setenv("HYBRIDNORM_KERNELS", "torch")
+    losses = []
+    for fuse in (True, False):
+        with monkeypatch.context() as m:
+            if not fuse:
+                m.setattr(HybridTransformerLayer, "_fuses_add", lambda self, norm: False)
+            net = build_gpt(tiny_config(add_bias_linear=True, hidden_dropout=0.2), scheme)
+            net.load_state_dict(model.state_dict())
+            losses.append(_logits_and_grads(net, dropout_rng_seed=5)[0])
+    assert torch.equal(losses[0], losses[1]) and not torch.equal(losses[0], fused_loss)
 
 
 @pytest.mark.slow

@@ -26,10 +26,10 @@ def rms_norm(x, weight, eps, zero_centered_gamma):
     return triton_rms_norm(x, weight, eps, zero_centered_gamma)
 
 
-def add_rms_norm(x, a, a_bias, weight, eps, zero_centered_gamma):
+def add_rms_norm(x, a, a_bias, weight, eps, zero_centered_gamma, dropout_p):
     from ..kernels.rmsnorm import add_rms_norm as triton_add_rms_norm
 
-    return triton_add_rms_norm(x, a, a_bias, weight, eps, zero_centered_gamma)
+    return triton_add_rms_norm(x, a, a_bias, weight, eps, zero_centered_gamma, dropout_p)
 
 
 def normalize(
@@ -76,14 +76,18 @@ def add_normalize(
     eps: float,
     kind: str,
     zero_centered_gamma: bool = False,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """``normalize(residual + out + out_bias)``: a sublayer's residual add (Megatron's
-    bias-dropout-add without dropout) and the norm after it. RMSNorm on CUDA is one Triton
-    pass (``kernels/rmsnorm.py``); otherwise the add and the norm run as Megatron's would."""
+    """``normalize(residual + dropout(out + out_bias))``: a sublayer's bias-dropout-add and the
+    norm after it. RMSNorm on CUDA is one Triton pass (``kernels/rmsnorm.py``; its dropout mask
+    is Philox's, not torch's); otherwise it runs as Megatron's unfused bias-dropout-add and the
+    norm would, drawing the same random numbers."""
     if kind == "RMSNorm" and use_triton(out):
-        return add_rms_norm(residual, out, out_bias, weight, eps, zero_centered_gamma)
-    total = residual + (out if out_bias is None else out + out_bias)
-    return normalize(total, weight, bias, eps, kind, zero_centered_gamma)
+        return add_rms_norm(residual, out, out_bias, weight, eps, zero_centered_gamma, dropout_p)
+    branch = out if out_bias is None else out + out_bias
+    if dropout_p > 0:
+        branch = F.dropout(branch, p=dropout_p, training=True)
+    return normalize(residual + branch, weight, bias, eps, kind, zero_centered_gamma)
 
 
 class ScaleGrad(torch.autograd.Function):

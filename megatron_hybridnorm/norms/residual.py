@@ -23,14 +23,14 @@ class Norm(NormBase):
             p.sequence_parallel = config.sequence_parallel
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
-                x_bias: torch.Tensor | None = None) -> torch.Tensor:
-        """N(x); with ``residual``, N(residual + x + x_bias): the residual add of the sublayer
-        whose output is x, fused into the norm (one Triton pass for RMSNorm on CUDA).
-        ``HybridTransformerLayer`` passes them where no dropout sits between add and norm."""
+                x_bias: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+        """N(x); with ``residual``, N(residual + dropout(x + x_bias)): the bias-dropout-add of
+        the sublayer whose output is x, fused into the norm (one Triton pass for RMSNorm on
+        CUDA). ``HybridTransformerLayer`` passes them where the norm follows that add."""
         if residual is None:
             return self._normalize(x)
         return add_normalize(residual, x, x_bias, self.weight, self.bias, self.eps, self.kind,
-                             self.zero_centered_gamma)
+                             self.zero_centered_gamma, dropout_p)
 
 
 class PostNorm(Norm):
@@ -43,6 +43,7 @@ class PostNorm(Norm):
     returns_residual = True
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
-                x_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        n = super().forward(x, residual, x_bias)
+                x_bias: torch.Tensor | None = None,
+                dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        n = super().forward(x, residual, x_bias, dropout_p)
         return n, n
