@@ -204,6 +204,25 @@ def qkv_kernel(mode):
             lambda ng, P, hd: {"widths": (ng * P * hd, ng * hd)})
 
 
+def check_qkv_against_fp64(outs, mixed, ws, dtype, norm_v, reference):
+    """Backpropagates random gradients through a kernel's (q, k, v) and through ``reference``
+    (fp64, from the same inputs) and compares outputs, d(mixed) and the weight gradients."""
+    grads = [rand(*t.shape, dtype=dtype, seed=10 + i) for i, t in enumerate(outs)]
+    torch.autograd.backward(outs, grads)
+    m = mixed.detach().double().requires_grad_(True)
+    wr = [w.detach().double().requires_grad_(True) for w in ws]
+    refs = reference(m, wr)
+    torch.autograd.backward(refs, [g.double() for g in grads])
+    for name, a, r in zip(("q", "k", "v"), outs, refs):
+        close(a, r, dtype, name)
+    close(mixed.grad, m.grad, dtype, "d_mixed")
+    wdt = torch.float32 if dtype == torch.float32 else dtype
+    for i in range(3 if norm_v else 2):
+        close(ws[i].grad, wr[i].grad, wdt, f"dw{'qkv'[i]}")
+    if not norm_v:
+        assert ws[2].grad is None
+
+
 @pytest.mark.parametrize("mode", ["head", "full"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", QKV_SHAPES, ids=[str(s) for s in QKV_SHAPES])
@@ -217,20 +236,8 @@ def test_fused_qkv_norm_matches_fp64(mode, dtype, shape, norm_v):
     q, k, v = kernel(mixed, ws[0], ws[1], ws[2] if norm_v else None, heads_per_group=P,
                      head_dim=hd, eps=1e-5, **extra(ng, P, hd))
     assert q.shape == (sq, b, ng * P, hd) and k.shape == v.shape == (sq, b, ng, hd)
-    grads = [rand(*t.shape, dtype=dtype, seed=10 + i) for i, t in enumerate((q, k, v))]
-    torch.autograd.backward((q, k, v), grads)
-
-    m = mixed.detach().double().requires_grad_(True)
-    wr = [w.detach().double().requires_grad_(True) for w in ws]
-    Q, K, V = reference(m, wr, ng, P, hd, norm_v)
-    torch.autograd.backward((Q, K, V), [g.double() for g in grads])
-    for name, a, r in (("q", q, Q), ("k", k, K), ("v", v, V), ("d_mixed", mixed.grad, m.grad)):
-        close(a, r, dtype, name)
-    wdt = torch.float32 if dtype == torch.float32 else dtype
-    for i in range(3 if norm_v else 2):
-        close(ws[i].grad, wr[i].grad, wdt, f"dw{'qkv'[i]}")
-    if not norm_v:
-        assert ws[2].grad is None
+    check_qkv_against_fp64((q, k, v), mixed, ws, dtype, norm_v,
+                           lambda m, wr: reference(m, wr, ng, P, hd, norm_v))
 
 
 def ref_rope(t, freqs, interleaved, mscale):
@@ -274,20 +281,13 @@ def test_fused_qkv_norm_with_rope_matches_fp64(dtype, case, norm_v):
     q, k, v = qkv_norm(mixed, ws[0], ws[1], ws[2] if norm_v else None, heads_per_group=P,
                        head_dim=hd, eps=1e-5, rope=rope_tables(freqs.float(), sq, hd, mscale),
                        rope_interleaved=interleaved)
-    grads = [rand(*t.shape, dtype=dtype, seed=10 + i) for i, t in enumerate((q, k, v))]
-    torch.autograd.backward((q, k, v), grads)
-
-    m = mixed.detach().double().requires_grad_(True)
-    wr = [w.detach().double().requires_grad_(True) for w in ws]
-    Q, K, V = ref_head_qkv(m, wr, ng, P, hd, norm_v)
     f = freqs[:sq].float().double()  # the kernel gets fp32 angles, as Megatron's are
-    Q, K = ref_rope(Q, f, interleaved, mscale), ref_rope(K, f, interleaved, mscale)
-    torch.autograd.backward((Q, K, V), [g.double() for g in grads])
-    for name, a, r in (("q", q, Q), ("k", k, K), ("v", v, V), ("d_mixed", mixed.grad, m.grad)):
-        close(a, r, dtype, name)
-    wdt = torch.float32 if dtype == torch.float32 else dtype
-    for i in range(3 if norm_v else 2):
-        close(ws[i].grad, wr[i].grad, wdt, f"dw{'qkv'[i]}")
+
+    def reference(m, wr):
+        Q, K, V = ref_head_qkv(m, wr, ng, P, hd, norm_v)
+        return ref_rope(Q, f, interleaved, mscale), ref_rope(K, f, interleaved, mscale), V
+
+    check_qkv_against_fp64((q, k, v), mixed, ws, dtype, norm_v, reference)
 
 
 def test_rope_tables_refuse_odd_or_oversized_rotary_dims():
