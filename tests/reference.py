@@ -1,5 +1,5 @@
-"""An independent plain-PyTorch GPT for every scheme, written from the equations in
-HYBRIDNORM.md (not from the package's scheme tables), computed in float64.
+"""An independent plain-PyTorch GPT for every scheme, written from the block equations of
+the paper's official code (the README's scheme table; not from the package's scheme tables), computed in float64.
 
 It takes its weights from a Megatron ``GPTModel`` state dict (TP=1) by Megatron's parameter
 names, so a norm in the wrong slot or the wrong place in the equations shows up as a mismatch.

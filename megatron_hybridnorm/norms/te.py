@@ -2,7 +2,7 @@
 
 The per-head Q/K/V norms stay ours on the TE backend too: TE's RMSNorm backward is slow for
 rows of width head_dim (its weight-gradient finalize alone cost 3.6 ms per step on the paper's
-1.2B block on an H200, see HYBRIDNORM.md).
+1.2B block on an H200 with TE 2.20.2, measured 2026-11-27).
 """
 
 from __future__ import annotations
