@@ -15,8 +15,9 @@ from .kernels import (
     fused_qkv_full_norm,
     fused_qkv_norm,
     rope_tables,
-    use_triton,
 )
+from .kernels.dispatch import kernel_path
+from .kernels.report import record
 from .norms import FullWidthNorm, HeadNorm
 
 
@@ -54,27 +55,36 @@ class QKVNormSelfAttention(SelfAttention):
             eps=self.config.layernorm_epsilon,
         )
 
-    def _fused_qkv_norms(self, hidden_states, output_gate: bool, split_qkv: bool) -> str | None:
+    def _fused_qkv_norms(self, hidden_states, output_gate: bool, split_qkv: bool
+                         ) -> tuple[str | None, str]:
         """Which Triton pass normalizes q, k and v in one go: "head" (kernels/qkv_norm.py),
-        "full" (kernels/qkv_full_norm.py) or None (the norm modules, one by one). Needs RMS
-        norms of one kind, no output gate, and each rank holding whole KV groups."""
+        "full" (kernels/qkv_full_norm.py) or None (the norm modules, one by one), and why.
+        Needs RMS norms of one kind, no output gate, and each rank holding whole KV groups."""
         q, k, v = self.q_layernorm, self.k_layernorm, self.v_layernorm
-        if not (split_qkv and not output_gate and not self.config.test_mode
-                and self.config.num_query_groups >= self.world_size
-                and use_triton(hidden_states)):
-            return None
+        triton, why = kernel_path(hidden_states)
+        for blocker, reason in ((not triton, why), (not split_qkv, "q, k and v not split"),
+                                (output_gate, "attention output gate"),
+                                (self.config.test_mode, "test_mode"),
+                                (self.config.num_query_groups < self.world_size,
+                                 "a KV head split over TP ranks")):
+            if blocker:
+                return None, reason
         for kind in (HeadNorm, FullWidthNorm):
             if all(isinstance(n, kind) and n.kind == "RMSNorm" for n in (q, k)) and (
                 v is None or (isinstance(v, kind) and v.kind == "RMSNorm")
             ):
                 break
         else:
-            return None
+            return None, "not RMS norms of one kind on q and k (and v)"
         groups = self.num_query_groups_per_partition
         P, hd = self.num_attention_heads_per_partition // groups, self.hidden_size_per_attention_head
         if kind is HeadNorm:
-            return "head" if hd <= MAX_HEAD_DIM else None
-        return "full" if full_row_fits(groups, P, hd) else None
+            if hd > MAX_HEAD_DIM:
+                return None, f"head_dim {hd} > {MAX_HEAD_DIM}"
+            return "head", why
+        if not full_row_fits(groups, P, hd):
+            return None, "q row wider than the full-width kernel takes"
+        return "full", why
 
     def _fusable_rope(self, hidden_states, args, kwargs):
         """Megatron's rotary ``freqs`` when the per-head kernel can apply RoPE itself: plain
@@ -99,7 +109,7 @@ class QKVNormSelfAttention(SelfAttention):
             or rope.shape[-1] % 2
         ):
             return None
-        fused = self._fused_qkv_norms(hidden_states, self.config.attention_output_gate, True)
+        fused, _ = self._fused_qkv_norms(hidden_states, self.config.attention_output_gate, True)
         return rope if fused == "head" else None
 
     def forward(self, hidden_states, attention_mask, *args, **kwargs):
@@ -119,13 +129,17 @@ class QKVNormSelfAttention(SelfAttention):
     def get_query_key_value_tensors(
         self, hidden_states, key_value_states=None, output_gate=False, split_qkv=True
     ):
-        fused = self._fused_qkv_norms(hidden_states, output_gate, split_qkv)
+        fused, why = self._fused_qkv_norms(hidden_states, output_gate, split_qkv)
         rope, self._pending_rope = self._pending_rope, None
         if rope is not None and fused != "head":
             raise RuntimeError(
                 "QKVNormSelfAttention: RoPE was left to the fused Q/K/V norm, which did not run; "
                 "set HYBRIDNORM_KERNELS=torch and report this"
             )
+        if any(n is not None for n in (self.q_layernorm, self.k_layernorm, self.v_layernorm)):
+            record(self, f"triton {'qkv_norm' if fused == 'head' else 'qkv_full_norm'}"
+                   f"{' + RoPE' if rope is not None else ''} ({why})" if fused else
+                   f"the Q/K/V norm modules one by one ({why})")
         if fused is not None:
             mixed, _ = apply_module(self.linear_qkv)(hidden_states)
             groups = self.num_query_groups_per_partition

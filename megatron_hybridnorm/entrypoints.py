@@ -28,14 +28,16 @@ ENV_OPTIONS = {
     "HYBRIDNORM_QKV_NORM": ("qkv_norm", str),
     "HYBRIDNORM_MIXLN_FRACTION": ("mixln_fraction", float),
 }
+ENV_RUNTIME = ("HYBRIDNORM_KERNELS",)  # read where the norms run (kernels/dispatch.py)
 
 
 def options_from_env(scheme: str, environ=os.environ) -> tuple[dict, list[str]]:
     """(options for ``scheme``, notes about environment options it does not use)."""
-    unknown = [k for k in environ if k.startswith("HYBRIDNORM_") and k not in ENV_OPTIONS]
+    known = (*ENV_OPTIONS, *ENV_RUNTIME)
+    unknown = [k for k in environ if k.startswith("HYBRIDNORM_") and k not in known]
     if unknown:
         raise ValueError(f"unknown {', '.join(sorted(unknown))}; megatron-hybridnorm reads "
-                         f"{', '.join(ENV_OPTIONS)}")
+                         f"{', '.join(known)}")
     s = get_scheme(scheme)
     applies = {"qkv_norm": s.has_head_norms, "mixln_fraction": s.head_fraction is not None}
     options, notes = {}, []

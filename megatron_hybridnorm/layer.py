@@ -14,6 +14,7 @@ from megatron.core.transformer.transformer_layer import (
 from megatron.core.typed_torch import apply_module
 from megatron.core.utils import make_viewless_tensor
 
+from .kernels.report import report_after_first_forward
 from .norms import Norm
 from .schemes import LayerNorms
 
@@ -58,9 +59,18 @@ class HybridTransformerLayer(TransformerLayer):
             eps=self.config.layernorm_epsilon,
         )
         self._pending_add = None
+        for m in self.modules():
+            if isinstance(m, Norm):
+                m.reports_itself = False
+        report_after_first_forward(self, self._report_label)
         pre_mlp = self.pre_mlp_layernorm
         if self._fuses_add(pre_mlp) and getattr(pre_mlp, "returns_residual", False):
             self.self_attn_bda = self._hand_over_bda
+
+    def _report_label(self) -> str:
+        norms = self.norms
+        where = ", ".join(k for k, on in asdict(norms).items() if on) if norms else "custom"
+        return f"layer {self.layer_number} (norms: {where})"
 
     def _fuses_add(self, norm) -> bool:
         return (

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from megatron_hybridnorm import kernels
+from megatron_hybridnorm.kernels import launch
 from megatron_hybridnorm.kernels import rmsnorm as rms_mod
 from helpers import rel_err
 
@@ -20,15 +21,8 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     """Kernel outputs start as NaN: an element a kernel forgets to write shows up."""
-    monkeypatch.setattr(rms_mod, "_empty", lambda shape, dtype, device: torch.full(
+    monkeypatch.setattr(launch, "empty", lambda shape, dtype, device: torch.full(
         shape, float("nan"), dtype=dtype, device=device))
-    import importlib
-
-    qkv_mod = importlib.import_module("megatron_hybridnorm.kernels.qkv_norm")
-
-    monkeypatch.setattr(qkv_mod, "_empty", rms_mod._empty)
-    full_mod = importlib.import_module("megatron_hybridnorm.kernels.qkv_full_norm")
-    monkeypatch.setattr(full_mod, "_empty", rms_mod._empty)
 
 
 def close(a, b, dtype, what):
@@ -112,15 +106,21 @@ def test_add_rms_norm_matches_fp64(dtype, shape, x_dtype, bias):
 @pytest.mark.parametrize("shape,p", [((37, 200), 0.3), ((3, 1000), 0.1)])
 def test_add_rms_norm_with_dropout_matches_fp64_under_its_mask(dtype, shape, p):
     """N(x + dropout(a + bias)): the mask is Philox's draw at the seed taken from torch's
-    generator; rebuilt here with the same draw, the fp64 reference uses it in forward and
-    backward. The drop rate is p, the same torch seed gives the same result, another does not."""
+    generator (element (row, col): lane col % 4 of the four draws at counter
+    row * ceil(cols / 4) + col // 4); rebuilt here element by element, the fp64 reference uses
+    it in forward and backward. The drop rate is p, the same torch seed gives the same result,
+    another does not."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def draw(SEED, OUT, n, BLOCK: tl.constexpr):
+    def draw(SEED, OUT, n, cols, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        tl.store(OUT + offs, tl.rand(tl.load(SEED), offs), mask=offs < n)
+        row, col = offs // cols, offs % cols
+        u0, u1, u2, u3 = tl.rand4x(tl.load(SEED), row.to(tl.int64) * ((cols + 3) // 4) + col // 4)
+        lane = col % 4
+        u = tl.where(lane == 0, u0, tl.where(lane == 1, u1, tl.where(lane == 2, u2, u3)))
+        tl.store(OUT + offs, u, mask=offs < n)
 
     x = rand(*shape, dtype=dtype, seed=0, scale=2.0).requires_grad_(True)
     a = rand(*shape, dtype=dtype, seed=1).requires_grad_(True)
@@ -132,9 +132,10 @@ def test_add_rms_norm_with_dropout_matches_fp64_under_its_mask(dtype, shape, p):
     y.backward(dy)
 
     torch.manual_seed(11)
-    seed = torch.randint(0, 2**31 - 1, (1,), device=DEVICE, dtype=torch.int64)
+    seed = rms_mod.draw_seed(DEVICE)
+    assert any(rms_mod.draw_seed(DEVICE).item() >= 2**32 for _ in range(4))  # more than 31 bits
     uniform = torch.empty(x.numel(), device=DEVICE)
-    draw[(triton.cdiv(x.numel(), 1024),)](seed, uniform, x.numel(), BLOCK=1024)
+    draw[(triton.cdiv(x.numel(), 1024),)](seed, uniform, x.numel(), shape[-1], BLOCK=1024)
     keep = (uniform >= p).view(shape)
     assert abs(1 - keep.double().mean().item() - p) < 0.03  # the drop rate
 
@@ -155,6 +156,41 @@ def test_add_rms_norm_with_dropout_matches_fp64_under_its_mask(dtype, shape, p):
     assert torch.equal(rms_mod.add_rms_norm(x, a, b, w, 1e-5, dropout_p=p), y)
     torch.manual_seed(12)
     assert not torch.equal(rms_mod.add_rms_norm(x, a, b, w, 1e-5, dropout_p=p), y)
+
+
+LAUNCHES = [  # (widest single-pass row, forced rms_fwd / rms_bwd config)
+    (64, None),                                    # 200 and 1000 wide rows in chunks of 64
+    (8192, launch.Launch(rows=1, warps=4, programs_per_sm=1)),
+    (8192, launch.Launch(rows=8, warps=8, programs_per_sm=2)),
+    (64, launch.Launch(rows=4, warps=4, programs_per_sm=1)),
+]
+
+
+@pytest.mark.parametrize("max_block,config", LAUNCHES, ids=[str(c) for c in LAUNCHES])
+def test_rms_kernels_under_other_launch_shapes(monkeypatch, max_block, config):
+    """Chunked rows (wider than the single-pass tile) and other tile/grid shapes: the same
+    fp64 checks, dropout (its mask depends only on the element) included."""
+    import contextlib
+
+    monkeypatch.setattr(launch, "MAX_BLOCK", max_block)
+    with contextlib.ExitStack() as stack:
+        if config is not None:
+            stack.enter_context(launch.forced("rms_fwd", config))
+            stack.enter_context(launch.forced("rms_bwd", config))
+        for dtype in (torch.float32, torch.bfloat16):
+            test_rms_norm_matches_fp64(dtype, (37, 200), True)
+            for case in ADD_CASES[:3]:
+                test_add_rms_norm_matches_fp64(dtype, *case)
+            test_add_rms_norm_with_dropout_matches_fp64_under_its_mask(dtype, (3, 1000), 0.1)
+
+
+def test_rms_kernels_take_strided_rows():
+    """Rows with a stride (a slice of a wider tensor) are read in place, as the same values."""
+    base = rand(6, 300, dtype=torch.float32, seed=0)
+    x = base[:, :200]
+    w = torch.ones(200, device=DEVICE)
+    assert not x.is_contiguous() and rms_mod._as_rows(x, 200).data_ptr() == x.data_ptr()
+    assert torch.equal(rms_mod.rms_norm(x, w, 1e-5), rms_mod.rms_norm(x.contiguous(), w, 1e-5))
 
 
 def test_add_rms_norm_refuses_mismatched_shapes():
@@ -204,10 +240,23 @@ def qkv_kernel(mode):
             lambda ng, P, hd: {"widths": (ng * P * hd, ng * hd)})
 
 
-def check_qkv_against_fp64(outs, mixed, ws, dtype, norm_v, reference):
-    """Backpropagates random gradients through a kernel's (q, k, v) and through ``reference``
-    (fp64, from the same inputs) and compares outputs, d(mixed) and the weight gradients."""
-    grads = [rand(*t.shape, dtype=dtype, seed=10 + i) for i, t in enumerate(outs)]
+def incoming_grad(shape, dtype, seed, layout):
+    """A gradient for a [s, b, heads, head_dim] output, laid out as attention's backward may
+    hand it over: "sbhd" (contiguous) or "bhsd" (the [s, b, heads, hd] view of a contiguous
+    [b, heads, s, hd] tensor, as SDPA's gradient arrives through a permute)."""
+    if layout == "sbhd":
+        return rand(*shape, dtype=dtype, seed=seed)
+    s, b, h, d = shape
+    g = rand(b, h, s, d, dtype=dtype, seed=seed).permute(2, 0, 1, 3)
+    assert not g.is_contiguous()
+    return g
+
+
+def check_qkv_against_fp64(outs, mixed, ws, dtype, norm_v, reference, layout="bhsd"):
+    """Backpropagates random gradients (strided, by default) through a kernel's (q, k, v) and
+    through ``reference`` (fp64, from the same inputs) and compares outputs, d(mixed) and the
+    weight gradients."""
+    grads = [incoming_grad(t.shape, dtype, 10 + i, layout) for i, t in enumerate(outs)]
     torch.autograd.backward(outs, grads)
     m = mixed.detach().double().requires_grad_(True)
     wr = [w.detach().double().requires_grad_(True) for w in ws]
@@ -223,11 +272,12 @@ def check_qkv_against_fp64(outs, mixed, ws, dtype, norm_v, reference):
         assert ws[2].grad is None
 
 
+@pytest.mark.parametrize("layout", ["sbhd", "bhsd"])
 @pytest.mark.parametrize("mode", ["head", "full"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", QKV_SHAPES, ids=[str(s) for s in QKV_SHAPES])
 @pytest.mark.parametrize("norm_v", [True, False])
-def test_fused_qkv_norm_matches_fp64(mode, dtype, shape, norm_v):
+def test_fused_qkv_norm_matches_fp64(mode, dtype, shape, norm_v, layout):
     kernel, reference, widths, extra = qkv_kernel(mode)
     sq, b, ng, P, hd = shape
     mixed = rand(sq, b, ng, (P + 2) * hd, dtype=dtype, seed=3, scale=2.0).requires_grad_(True)
@@ -237,7 +287,31 @@ def test_fused_qkv_norm_matches_fp64(mode, dtype, shape, norm_v):
                      head_dim=hd, eps=1e-5, **extra(ng, P, hd))
     assert q.shape == (sq, b, ng * P, hd) and k.shape == v.shape == (sq, b, ng, hd)
     check_qkv_against_fp64((q, k, v), mixed, ws, dtype, norm_v,
-                           lambda m, wr: reference(m, wr, ng, P, hd, norm_v))
+                           lambda m, wr: reference(m, wr, ng, P, hd, norm_v), layout)
+
+
+def test_strided_gradients_reach_the_kernels_in_place():
+    g = incoming_grad((3, 2, 4, 8), torch.float32, 0, "bhsd")
+    assert launch.heads_view(g, 3, 2, 4, 8).data_ptr() == g.data_ptr()
+    assert launch.heads_view(g, 3, 2, 4, 8).stride() == g.stride()
+
+
+QKV_LAUNCHES = [launch.Launch(rows=1, warps=2, programs_per_sm=1),
+                launch.Launch(rows=4, warps=4, programs_per_sm=1),
+                launch.Launch(rows=64, warps=8, programs_per_sm=2)]
+
+
+@pytest.mark.parametrize("config", QKV_LAUNCHES, ids=str)
+def test_qkv_kernels_under_other_launch_shapes(config):
+    """Tiles of 1 to 64 heads (rows for the full-width kernel), a grid of 1 to 6 programs: the
+    same fp64 checks, RoPE included."""
+    with launch.forced("qkv_fwd", config), launch.forced("qkv_bwd", config), \
+            launch.forced("full_fwd", config), launch.forced("full_bwd", config):
+        for mode in ("head", "full"):
+            for dtype in (torch.float32, torch.bfloat16):
+                test_fused_qkv_norm_matches_fp64(mode, dtype, QKV_SHAPES[0], True, "bhsd")
+        test_fused_qkv_norm_with_rope_matches_fp64(torch.float32, ROPE_CASES[1], True)
+        test_fused_qkv_norm_with_rope_matches_fp64(torch.bfloat16, ROPE_CASES[2], False)
 
 
 def ref_rope(t, freqs, interleaved, mscale):
@@ -290,6 +364,24 @@ def test_fused_qkv_norm_with_rope_matches_fp64(dtype, case, norm_v):
     check_qkv_against_fp64((q, k, v), mixed, ws, dtype, norm_v, reference)
 
 
+def test_rope_tables_are_built_once_per_freqs_tensor():
+    """Every layer of a step passes the same freqs: one table build, reused; a changed or
+    another tensor gets new tables."""
+    from megatron_hybridnorm.kernels.qkv_norm import rope_tables
+
+    freqs = torch.rand(8, 1, 1, 16)
+    first = rope_tables(freqs, 6, 16)
+    assert rope_tables(freqs, 6, 16) is first
+    assert rope_tables(freqs, 5, 16) is not first  # another length
+    again = rope_tables(freqs, 6, 16)
+    freqs.mul_(2.0)  # changed in place
+    changed = rope_tables(freqs, 6, 16)
+    assert changed is not again and not torch.equal(changed[0], again[0])
+    other = freqs.clone()
+    assert rope_tables(other, 6, 16) is not changed and torch.equal(rope_tables(other, 6, 16)[0],
+                                                                    changed[0])
+
+
 def test_rope_tables_refuse_odd_or_oversized_rotary_dims():
     from megatron_hybridnorm.kernels.qkv_norm import rope_tables
 
@@ -333,19 +425,33 @@ def test_fused_qkv_norm_refuses_head_dim_over_256():
 
 
 @pytest.mark.slow
-def test_every_kernel_variant_compiles_for_hopper():
-    """The real Triton compiler (not the interpreter) builds every kernel variant down to an
-    sm_90 cubin, on any machine: the interpreter accepts code the compiler rejects."""
+def test_every_kernel_variant_and_launch_config_compiles_for_hopper(tmp_path):
+    """The real Triton compiler (not the interpreter) builds every kernel variant with its
+    default launch config, and every candidate config, down to an sm_90 cubin, on any machine:
+    the interpreter accepts code the compiler rejects. ptxas's own report of each default build:
+    no register spills (dropout's backward at 8192 wide may spill a few bytes), and at least 16
+    warps resident per SM, enough loads in flight for a memory-bound kernel."""
+    import json
     from pathlib import Path
+
+    from compile_kernels import variants
 
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, str(root / "tests" / "compile_kernels.py"), "90"],
-                         capture_output=True, text=True, env=env, timeout=900)
+    out = subprocess.run([sys.executable, str(root / "tests" / "compile_kernels.py"), "90",
+                          "--json", str(tmp_path / "builds.json")],
+                         capture_output=True, text=True, env=env, timeout=1800)
     lines = out.stdout.splitlines()
     assert out.returncode == 0, [ln for ln in lines if ln.startswith("FAIL")] or out.stderr[-3000:]
-    assert sum(ln.startswith("ok   sm_90") for ln in lines) == 25, out.stdout
+    builds = json.loads((tmp_path / "builds.json").read_text())
+    assert len(builds) == len(list(variants())) > 100
+    for b in builds:
+        if not b["default"]:
+            continue
+        dropout_bwd = b["name"].startswith("rms_bwd") and "flags=(True" in b["name"]
+        assert b["spill_bytes"] <= (64 if dropout_bwd else 0), b
+        assert b["resident_warps"] >= 16, b
 
 
 def test_dispatch_modes(monkeypatch):
@@ -356,9 +462,69 @@ def test_dispatch_modes(monkeypatch):
     assert not kernels.use_triton(x)
     monkeypatch.setenv("HYBRIDNORM_KERNELS", "triton")
     assert kernels.use_triton(x)  # the interpreter is on in the tests
+    for dtype in (torch.float64, torch.int32):  # never computed in lower precision
+        assert kernels.kernel_path(x.to(dtype)) == (False, f"{dtype} (the kernels compute fp32, "
+                                                           "bf16 and fp16)")
     monkeypatch.setenv("HYBRIDNORM_KERNELS", "cuda")
     with pytest.raises(ValueError, match="auto, triton, torch"):
         kernels.use_triton(x)
+
+
+def test_a_cuda_tensor_without_a_working_triton_warns_once_and_takes_torch(monkeypatch):
+    from types import SimpleNamespace
+
+    from megatron_hybridnorm.kernels import dispatch
+
+    monkeypatch.delenv("HYBRIDNORM_KERNELS", raising=False)
+    monkeypatch.setattr(dispatch, "triton_problem", lambda: "ImportError: libcuda broke (test)")
+    x = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device=torch.device("cpu"))
+    with pytest.warns(RuntimeWarning, match="HYBRIDNORM_KERNELS=torch to choose torch"):
+        assert dispatch.kernel_path(x) == (False, "Triton unavailable (ImportError: libcuda "
+                                                  "broke (test))")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not dispatch.use_triton(x)  # said once
+    monkeypatch.setenv("HYBRIDNORM_KERNELS", "torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dispatch.kernel_path(x) == (False, "HYBRIDNORM_KERNELS=torch")
+
+
+@pytest.mark.parametrize("mode", ["triton", "torch"])
+def test_each_layer_says_once_which_path_its_norms_took(megatron_single_rank, monkeypatch,
+                                                        capsys, mode):
+    from helpers import batch, build_gpt, tiny_config
+    from megatron_hybridnorm.kernels import report
+
+    monkeypatch.setattr(report, "_shown", set())
+    monkeypatch.setenv("HYBRIDNORM_KERNELS", mode)
+    model = build_gpt(tiny_config(), "hybridnorm_star")
+    tokens, labels, pos = batch()
+    for _ in range(2):
+        model(tokens, pos, None, labels=labels).sum().backward()
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "norm kernels" in ln]
+    why = "HYBRIDNORM_KERNELS=" + mode
+    first = "input, q, k, v, pre_mlp"
+    if mode == "triton":
+        expected = [
+            f"layer 1 (norms: {first}): input_layernorm: triton ({why}); self_attention: "
+            f"triton qkv_norm + RoPE ({why}); pre_mlp_layernorm: triton ({why})",
+            f"layer 2 (norms: q, k, v, pre_mlp, pre_mlp_is_residual): self_attention: triton "
+            f"qkv_norm + RoPE ({why}); pre_mlp_layernorm: triton add + norm ({why})",
+        ]
+    else:
+        heads = "; ".join(f"self_attention.{n}_layernorm: torch ({why})" for n in "qkv")
+        expected = [
+            f"layer 1 (norms: {first}): input_layernorm: torch ({why}); self_attention: the "
+            f"Q/K/V norm modules one by one ({why}); {heads}; pre_mlp_layernorm: torch ({why})",
+            f"layer 2 (norms: q, k, v, pre_mlp, pre_mlp_is_residual): self_attention: the Q/K/V "
+            f"norm modules one by one ({why}); {heads}; pre_mlp_layernorm: torch add + norm "
+            f"({why})",
+        ]
+    expected.append(f"a norm outside the layers (RMSNorm, width 64): Norm: {mode} ({why})")
+    assert lines == [f"megatron-hybridnorm: norm kernels of {e}" for e in expected]
 
 
 def test_forcing_triton_on_a_cpu_without_the_interpreter_is_explained():

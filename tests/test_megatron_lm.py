@@ -45,6 +45,11 @@ def test_entry_point_options_from_the_environment(megatron_single_rank, monkeypa
     assert finding.scheme == "mixln" and finding.mixln_fraction == 0.5
 
 
+def test_entry_point_accepts_the_kernel_switch(monkeypatch):
+    monkeypatch.setenv("HYBRIDNORM_KERNELS", "torch")  # read where the norms run, not here
+    assert entrypoints.hybridnorm(tiny_config(transformer_impl="local")).layer_specs
+
+
 def test_entry_point_refuses_unknown_or_bad_environment(monkeypatch):
     monkeypatch.setenv("HYBRIDNORM_QKVNORM", "full")
     with pytest.raises(ValueError, match="unknown HYBRIDNORM_QKVNORM"):

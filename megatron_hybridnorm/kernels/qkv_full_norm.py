@@ -16,86 +16,90 @@ import torch
 import triton
 import triton.language as tl
 
-from .rmsnorm import _empty
+from . import launch as L
 
-ROWS_PER_PROGRAM = 8
 SINGLE, STATS, APPLY = 0, 1, 2  # phases: all in one pass; statistics only; with given statistics
 
 
 @triton.jit
 def _segment_tile(W, groups, seg_len, offset, GB: tl.constexpr, SB: tl.constexpr):
-    """Group and position indices of a row's segments, their mask, and the weight (fp32)."""
-    g = tl.arange(0, GB)[:, None]
-    c = tl.arange(0, SB)[None, :]
+    """Group and position indices of a row's segments ([1, GB, SB]), their mask, and the
+    weight (fp32)."""
+    g = tl.arange(0, GB)[None, :, None]
+    c = tl.arange(0, SB)[None, None, :]
     mask = (g < groups) & (c < seg_len)
     w = tl.load(W + g * seg_len + c, mask=mask, other=0.0).to(tl.float32) + offset
     return g, c, mask, w
 
 
 @triton.jit
-def _row_statistic(local, STAT, row, PHASE: tl.constexpr):
-    """The sum of ``local`` over the row: this rank's (SINGLE; STATS also stores it for the
-    all-reduce) or the all-reduced one stored in STAT (APPLY)."""
+def _row_statistic(local, STAT, row, rmask, PHASE: tl.constexpr):
+    """The sum of ``local`` over each row of the tile ([ROWS, 1, 1]): this rank's (SINGLE;
+    STATS also stores it for the all-reduce) or the all-reduced one stored in STAT (APPLY)."""
     if PHASE == 2:
-        total = tl.load(STAT + row)
+        total = tl.load(STAT + row, mask=rmask, other=0.0)
     else:
-        total = tl.sum(tl.sum(local, axis=1), axis=0)
+        total = tl.sum(tl.sum(local, axis=2, keep_dims=True), axis=1, keep_dims=True)
         if PHASE == 1:
-            tl.store(STAT + row, total)
+            tl.store(STAT + row, total, mask=rmask)
     return total
 
 
 @triton.jit
 def _fwd(X, W, Y, SS, RSTD, n_rows, groups, row_stride, seg_stride, seg_off, seg_len, width, eps,
          offset, PHASE: tl.constexpr, GB: tl.constexpr, SB: tl.constexpr, ROWS: tl.constexpr):
-    pid = tl.program_id(0)
-    g, c, mask, w = _segment_tile(W, groups, seg_len, offset, GB, SB)
-    for i in range(ROWS):
-        row = pid * ROWS + i
-        if row < n_rows:
-            x = tl.load(X + row * row_stride + g * seg_stride + seg_off + c, mask=mask,
-                        other=0.0).to(tl.float32)
-            ss = _row_statistic(x * x, SS, row, PHASE)
-            if PHASE != 1:
-                rstd = 1.0 / tl.sqrt(ss / width + eps)
-                tl.store(RSTD + row, rstd)
-                tl.store(Y + row * groups * seg_len + g * seg_len + c,
-                         (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
+    g, c, segmask, w = _segment_tile(W, groups, seg_len, offset, GB, SB)
+    for tile in range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
+        row = (tile * ROWS + tl.arange(0, ROWS)[:, None, None]).to(tl.int64)
+        rmask = row < n_rows
+        mask = rmask & segmask
+        x = tl.load(X + row * row_stride + g * seg_stride + seg_off + c, mask=mask,
+                    other=0.0).to(tl.float32)
+        ss = _row_statistic(x * x, SS, row, rmask, PHASE)
+        if PHASE != 1:
+            rstd = 1.0 / tl.sqrt(ss / width + eps)
+            tl.store(RSTD + row, rstd, mask=rmask)
+            tl.store(Y + row * groups * seg_len + g * seg_len + c,
+                     (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _bwd(X, W, DY, RSTD, C, DX, DW_PART, n_rows, groups, row_stride, seg_stride, seg_off,
-         seg_len, width, offset, PHASE: tl.constexpr, GB: tl.constexpr, SB: tl.constexpr,
-         ROWS: tl.constexpr):
+         seg_len, width, offset, dy_s, dy_b, dy_h, batch, hd, PHASE: tl.constexpr,
+         GB: tl.constexpr, SB: tl.constexpr, ROWS: tl.constexpr):
     pid = tl.program_id(0)
-    g, c, mask, w = _segment_tile(W, groups, seg_len, offset, GB, SB)
-    dw = tl.zeros([GB, SB], dtype=tl.float32)
-    for i in range(ROWS):
-        row = pid * ROWS + i
-        if row < n_rows:
-            x = tl.load(X + row * row_stride + g * seg_stride + seg_off + c, mask=mask,
-                        other=0.0).to(tl.float32)
-            dy = tl.load(DY + row * groups * seg_len + g * seg_len + c, mask=mask,
-                         other=0.0).to(tl.float32)
-            rstd = tl.load(RSTD + row)
-            xhat = x * rstd
-            wdy = w * dy
-            total = _row_statistic(xhat * wdy, C, row, PHASE)
-            if PHASE != 1:
-                dx = (wdy - xhat * (total / width)) * rstd
-                tl.store(DX + row * row_stride + g * seg_stride + seg_off + c,
-                         dx.to(DX.dtype.element_ty), mask=mask)
-                dw += dy * xhat
+    g, c, segmask, w = _segment_tile(W, groups, seg_len, offset, GB, SB)
+    dw = tl.zeros([1, GB, SB], dtype=tl.float32)
+    for tile in range(pid, tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
+        row = (tile * ROWS + tl.arange(0, ROWS)[:, None, None]).to(tl.int64)
+        rmask = row < n_rows
+        mask = rmask & segmask
+        x = tl.load(X + row * row_stride + g * seg_stride + seg_off + c, mask=mask,
+                    other=0.0).to(tl.float32)
+        # dy: a [s, b, heads, head_dim] view; segment g holds heads g * (seg_len / hd) on
+        dy = tl.load(DY + (row // batch) * dy_s + (row % batch) * dy_b
+                     + (g * (seg_len // hd) + c // hd) * dy_h + c % hd, mask=mask,
+                     other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + row, mask=rmask, other=0.0)
+        xhat = x * rstd
+        wdy = w * dy
+        total = _row_statistic(xhat * wdy, C, row, rmask, PHASE)
+        if PHASE != 1:
+            dx = (wdy - xhat * (total / width)) * rstd
+            tl.store(DX + row * row_stride + g * seg_stride + seg_off + c,
+                     dx.to(DX.dtype.element_ty), mask=mask)
+            dw += tl.sum(dy * xhat, axis=0, keep_dims=True)
     if PHASE != 1:
-        tl.store(DW_PART + pid * groups * seg_len + g * seg_len + c, dw, mask=mask)
+        tl.store(DW_PART + pid * groups * seg_len + g * seg_len + c, dw, mask=segmask)
 
 
-def _launch(x, groups, seg_stride, seg_off, seg_len):
+def _launch(kernel, x, groups, seg_stride, seg_off, seg_len):
     rows = x.shape[0]
-    grid = (triton.cdiv(rows, ROWS_PER_PROGRAM),)
-    meta = dict(GB=triton.next_power_of_2(groups), SB=triton.next_power_of_2(seg_len),
-                ROWS=ROWS_PER_PROGRAM)
-    return grid, (rows, groups, x.shape[1], seg_stride, seg_off, seg_len), meta
+    GB, SB = triton.next_power_of_2(groups), triton.next_power_of_2(seg_len)
+    cfg = L.launch(kernel, GB * SB)
+    n = L.grid(triton.cdiv(rows, cfg.rows), x.device, cfg)
+    meta = dict(GB=GB, SB=SB, ROWS=cfg.rows, num_warps=cfg.warps)
+    return n, (rows, groups, x.shape[1], seg_stride, seg_off, seg_len), meta
 
 
 def _all_reduce(t, group):
@@ -106,33 +110,36 @@ def _all_reduce(t, group):
 def _norm_segments(x, w, seg, eps, offset, group, dtype):
     """Forward of one kind: its normalized output and rstd."""
     groups, seg_stride, seg_off, seg_len, width = seg
-    grid, args, meta = _launch(x, groups, seg_stride, seg_off, seg_len)
+    n, args, meta = _launch("full_fwd", x, groups, seg_stride, seg_off, seg_len)
     rows = x.shape[0]
-    y = _empty((rows, groups * seg_len), dtype, x.device)
-    rstd = _empty((rows,), torch.float32, x.device)
+    y = L.empty((rows, groups * seg_len), dtype, x.device)
+    rstd = L.empty((rows,), torch.float32, x.device)
     ss = None
-    if group is not None:
-        ss = _empty((rows,), torch.float32, x.device)
-        _fwd[grid](x, w, y, ss, rstd, *args, width, eps, offset, PHASE=STATS, **meta)
-        _all_reduce(ss, group)
-    _fwd[grid](x, w, y, ss if ss is not None else rstd, rstd, *args, width, eps, offset,
-               PHASE=SINGLE if group is None else APPLY, **meta)
+    with L.on_device(x):
+        if group is not None:
+            ss = L.empty((rows,), torch.float32, x.device)
+            _fwd[(n,)](x, w, y, ss, rstd, *args, width, eps, offset, PHASE=STATS, **meta)
+            _all_reduce(ss, group)
+        _fwd[(n,)](x, w, y, ss if ss is not None else rstd, rstd, *args, width, eps, offset,
+                   PHASE=SINGLE if group is None else APPLY, **meta)
     return y, rstd
 
 
-def _norm_segments_backward(x, w, dy, rstd, dx, seg, offset, group):
-    """Writes this kind's segments of dx; returns the weight gradient (fp32)."""
+def _norm_segments_backward(x, w, dy, rstd, dx, seg, offset, group, hd):
+    """Writes this kind's segments of dx; returns the weight gradient (fp32). ``dy``: a
+    [s, b, heads, head_dim] view (``launch.heads_view``)."""
     groups, seg_stride, seg_off, seg_len, width = seg
-    grid, args, meta = _launch(x, groups, seg_stride, seg_off, seg_len)
-    dy = dy.reshape(x.shape[0], groups * seg_len).contiguous()
-    dw_part = _empty((grid[0], groups * seg_len), torch.float32, x.device)
+    n, args, meta = _launch("full_bwd", x, groups, seg_stride, seg_off, seg_len)
+    args = (*args, width, offset, dy.stride(0), dy.stride(1), dy.stride(2), dy.shape[1], hd)
+    dw_part = L.empty((n, groups * seg_len), torch.float32, x.device)
     total = None
-    if group is not None:
-        total = _empty((x.shape[0],), torch.float32, x.device)
-        _bwd[grid](x, w, dy, rstd, total, dx, dw_part, *args, width, offset, PHASE=STATS, **meta)
-        _all_reduce(total, group)
-    _bwd[grid](x, w, dy, rstd, total if total is not None else rstd, dx, dw_part, *args, width,
-               offset, PHASE=SINGLE if group is None else APPLY, **meta)
+    with L.on_device(x):
+        if group is not None:
+            total = L.empty((x.shape[0],), torch.float32, x.device)
+            _bwd[(n,)](x, w, dy, rstd, total, dx, dw_part, *args, PHASE=STATS, **meta)
+            _all_reduce(total, group)
+        _bwd[(n,)](x, w, dy, rstd, total if total is not None else rstd, dx, dw_part, *args,
+                   PHASE=SINGLE if group is None else APPLY, **meta)
     return dw_part.sum(0)
 
 
@@ -153,7 +160,8 @@ class _FullQKVNorm(torch.autograd.Function):
             outs.append(y)
             rstds.append(rstd)
         ctx.save_for_backward(x, wq, wk, wv, *rstds)
-        ctx.args = (segs, offset, group, tuple(lead), groups, P, hd, wv is not None)
+        ctx.args = (segs, offset, group, tuple(lead), groups, P, hd, wv is not None,
+                    L.seq_batch(tuple(lead), x.shape[0]))
         q, k, v = outs
         return (q.view(*lead, groups * P, hd), k.view(*lead, groups, hd),
                 v.view(*lead, groups, hd))
@@ -161,12 +169,14 @@ class _FullQKVNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dq, dk, dv):
         x, wq, wk, wv, *rstds = ctx.saved_tensors
-        segs, offset, group, lead, groups, P, hd, norm_v = ctx.args
-        dx = _empty(x.shape, x.dtype, x.device)
+        segs, offset, group, lead, groups, P, hd, norm_v, (seq, batch) = ctx.args
+        dx = L.empty(x.shape, x.dtype, x.device)
         dws = []
-        for w, dy, seg, rstd in zip((wq, wk, wv) if norm_v else (wq, wk), (dq, dk, dv), segs,
-                                    rstds):
-            dws.append(_norm_segments_backward(x, w, dy, rstd, dx, seg, offset, group).to(w.dtype))
+        for w, dy, seg, rstd, heads in zip((wq, wk, wv) if norm_v else (wq, wk), (dq, dk, dv),
+                                           segs, rstds, (groups * P, groups, groups)):
+            dy = L.heads_view(dy, seq, batch, heads, hd)
+            dws.append(_norm_segments_backward(x, w, dy, rstd, dx, seg, offset, group, hd)
+                       .to(w.dtype))
         if not norm_v:
             dx.view(-1, groups, P + 2, hd)[:, :, P + 1] = dv.reshape(-1, groups, hd)
             dws.append(None)

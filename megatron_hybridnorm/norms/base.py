@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from .functional import normalize
+from ..kernels.report import record
+from .functional import choose_impl, normalize
 
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 
@@ -29,6 +30,8 @@ class NormBase(torch.nn.Module):
             self.register_parameter("bias", None)
 
     def _normalize(self, x: torch.Tensor, weight=None, bias=None) -> torch.Tensor:
+        impl, why = choose_impl(x, self.kind)
+        record(self, f"{impl} ({why})")
         return normalize(
             x,
             self.weight if weight is None else weight,
@@ -36,6 +39,7 @@ class NormBase(torch.nn.Module):
             self.eps,
             self.kind,
             self.zero_centered_gamma,
+            impl,
         )
 
     def extra_repr(self) -> str:

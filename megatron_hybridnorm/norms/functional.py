@@ -1,13 +1,14 @@
 """The one normalization function every norm module here calls: fp32 math, output in the input
-dtype. RMSNorm on CUDA runs this package's Triton kernel (``kernels/``); LayerNorm on CUDA uses
-Apex's fused kernels when Apex is installed; everything else uses torch."""
+dtype. ``choose_impl`` says which implementation runs and why: RMSNorm on CUDA runs this
+package's Triton kernel (``kernels/``); LayerNorm on CUDA uses Apex's fused kernels when Apex is
+installed; everything else uses torch."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ..kernels import use_triton
+from ..kernels.dispatch import kernel_path
 
 try:
     from apex.normalization.fused_layer_norm import (
@@ -19,17 +20,20 @@ try:
 except ImportError:  # Apex is optional (not on PyPI)
     HAVE_APEX = False
 
-
-def rms_norm(x, weight, eps, zero_centered_gamma):
-    from ..kernels.rmsnorm import rms_norm as triton_rms_norm  # Triton is imported on demand
-
-    return triton_rms_norm(x, weight, eps, zero_centered_gamma)
+IMPLS = ("triton", "apex", "torch")
 
 
-def add_rms_norm(x, a, a_bias, weight, eps, zero_centered_gamma, dropout_p):
-    from ..kernels.rmsnorm import add_rms_norm as triton_add_rms_norm
-
-    return triton_add_rms_norm(x, a, a_bias, weight, eps, zero_centered_gamma, dropout_p)
+def choose_impl(x: torch.Tensor, kind: str) -> tuple[str, str]:
+    """(implementation, why) for normalizing ``x`` with a ``kind`` norm."""
+    if kind == "RMSNorm":
+        triton, why = kernel_path(x)
+        if triton:
+            return "triton", why
+    else:
+        why = "LayerNorm (the kernels are RMSNorm)"
+    if HAVE_APEX and x.is_cuda and x.dtype != torch.float64:
+        return "apex", f"Apex fused kernel; {why}"
+    return "torch", why
 
 
 def normalize(
@@ -44,16 +48,19 @@ def normalize(
     """RMSNorm or LayerNorm over the last dim, computed in fp32 and cast back.
 
     With ``zero_centered_gamma`` the stored weight is gamma - 1 (Megatron's convention).
-    ``impl``: "auto" (see the module's docstring; ``HYBRIDNORM_KERNELS`` forces Triton or torch),
-    "apex" or "torch".
+    ``impl``: "auto" (``choose_impl``), or one of ``IMPLS``.
     """
-    if impl == "auto" and kind == "RMSNorm" and use_triton(x):
+    if impl == "auto":
+        impl, _ = choose_impl(x, kind)
+    if impl == "triton":
+        from ..kernels.rmsnorm import rms_norm  # Triton is imported on demand
+
         return rms_norm(x, weight, eps, zero_centered_gamma)
     w = weight.float()
     if zero_centered_gamma:
         w = w + 1.0
     width = (x.shape[-1],)
-    if impl == "apex" or (impl == "auto" and HAVE_APEX and x.is_cuda):
+    if impl == "apex":
         if kind == "RMSNorm":
             y = FusedRMSNormAffineMixedDtypesFunction.apply(x, w, width, eps, False)
         else:
@@ -77,17 +84,22 @@ def add_normalize(
     kind: str,
     zero_centered_gamma: bool = False,
     dropout_p: float = 0.0,
+    impl: str = "auto",
 ) -> torch.Tensor:
     """``normalize(residual + dropout(out + out_bias))``: a sublayer's bias-dropout-add and the
-    norm after it. RMSNorm on CUDA is one Triton pass (``kernels/rmsnorm.py``; its dropout mask
-    is Philox's, not torch's); otherwise it runs as Megatron's unfused bias-dropout-add and the
-    norm would, drawing the same random numbers."""
-    if kind == "RMSNorm" and use_triton(out):
+    norm after it. With ``impl`` "triton" (RMSNorm) one pass (``kernels/rmsnorm.py``; its dropout
+    mask is Philox's, not torch's); otherwise Megatron's unfused bias-dropout-add and the norm,
+    drawing the same random numbers as Megatron."""
+    if impl == "auto":
+        impl, _ = choose_impl(out, kind)
+    if impl == "triton":
+        from ..kernels.rmsnorm import add_rms_norm
+
         return add_rms_norm(residual, out, out_bias, weight, eps, zero_centered_gamma, dropout_p)
     branch = out if out_bias is None else out + out_bias
     if dropout_p > 0:
         branch = F.dropout(branch, p=dropout_p, training=True)
-    return normalize(residual + branch, weight, bias, eps, kind, zero_centered_gamma)
+    return normalize(residual + branch, weight, bias, eps, kind, zero_centered_gamma, impl)
 
 
 class ScaleGrad(torch.autograd.Function):

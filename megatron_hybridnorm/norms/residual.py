@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from ..kernels.report import record, report
 from .base import NormBase
-from .functional import add_normalize
+from .functional import add_normalize, choose_impl
 
 
 class Norm(NormBase):
@@ -21,6 +22,7 @@ class Norm(NormBase):
         super().__init__(config, hidden_size, eps)
         for p in self.parameters():
             p.sequence_parallel = config.sequence_parallel
+        self.reports_itself = True  # which kernel it ran; a layer clears this for its norms
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
                 x_bias: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
@@ -28,9 +30,16 @@ class Norm(NormBase):
         the sublayer whose output is x, fused into the norm (one Triton pass for RMSNorm on
         CUDA). ``HybridTransformerLayer`` passes them where the norm follows that add."""
         if residual is None:
-            return self._normalize(x)
-        return add_normalize(residual, x, x_bias, self.weight, self.bias, self.eps, self.kind,
-                             self.zero_centered_gamma, dropout_p)
+            out = self._normalize(x)
+        else:
+            impl, why = choose_impl(x, self.kind)
+            record(self, f"{impl} add + norm ({why})")
+            out = add_normalize(residual, x, x_bias, self.weight, self.bias, self.eps, self.kind,
+                                self.zero_centered_gamma, dropout_p, impl)
+        if self.reports_itself:
+            self.reports_itself = False
+            report(f"a norm outside the layers ({self.kind}, width {self.weight.shape[0]})", self)
+        return out
 
 
 class PostNorm(Norm):

@@ -1,0 +1,74 @@
+"""Which path a norm call takes, a Triton kernel or torch, and why.
+
+``HYBRIDNORM_KERNELS``: "auto" (default: the kernels on CUDA tensors), "triton" (always; on a
+CPU this needs Triton's interpreter, ``TRITON_INTERPRET=1``) or "torch" (never). The kernels
+compute fp32, bf16 and fp16 tensors; other dtypes (fp64) always take torch. When a CUDA tensor
+cannot use Triton (not installed, or its import fails), a warning says so once.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+MODES = ("auto", "triton", "torch")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TRITON = "triton"
+
+
+def kernel_mode() -> str:
+    mode = os.environ.get("HYBRIDNORM_KERNELS", "auto")
+    if mode not in MODES:
+        raise ValueError(f"HYBRIDNORM_KERNELS={mode!r}; choose one of {', '.join(MODES)}")
+    return mode
+
+
+@functools.cache
+def triton_problem() -> str | None:
+    """None when Triton imports; else why not."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - a broken install raises more than ImportError
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+@functools.cache
+def _warn_no_triton(problem: str) -> None:
+    warnings.warn(
+        f"megatron-hybridnorm: CUDA tensors, but Triton cannot be used ({problem}); the norms "
+        "run on torch, slower. Install Triton (it comes with PyTorch's CUDA wheels), or set "
+        "HYBRIDNORM_KERNELS=torch to choose torch and silence this.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def kernel_path(x: torch.Tensor) -> tuple[bool, str]:
+    """(whether the Triton kernels handle ``x``, the reason in words)."""
+    mode = kernel_mode()
+    if mode == "torch":
+        return False, "HYBRIDNORM_KERNELS=torch"
+    if x.dtype not in DTYPES:
+        return False, f"{x.dtype} (the kernels compute fp32, bf16 and fp16)"
+    if mode == "triton":
+        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("HYBRIDNORM_KERNELS=triton on a CPU tensor needs Triton's "
+                               "interpreter: set TRITON_INTERPRET=1 before importing")
+        return True, "HYBRIDNORM_KERNELS=triton"
+    if not x.is_cuda:
+        return False, f"{x.device.type} tensor"
+    problem = triton_problem()
+    if problem is not None:
+        _warn_no_triton(problem)
+        return False, f"Triton unavailable ({problem})"
+    return True, "CUDA tensor"
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels handle tensor ``x``."""
+    return kernel_path(x)[0]
