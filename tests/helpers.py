@@ -68,7 +68,7 @@ def randomize_norms(model, seed=7):
             key = global_name(model, name, p)
             g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
             # draw at full (TP=1) width, then keep this rank's slice for sharded norms
-            r = torch.randn(_full_shape(p), generator=g, dtype=torch.float32)
+            r = torch.randn(_full_shape(p), generator=g, dtype=torch.float32, device="cpu")
             r = 1.0 + 0.3 * r if name.endswith("weight") else 0.1 * r
             p.copy_(_local_slice(p, r))
 
@@ -111,14 +111,16 @@ def gather_full(p, t):
     return torch.cat([pieces[r][j] for j in range(stride) for r in range(size)], dim=p.partition_dim)
 
 
-def batch(seed=0, b=2):
+def batch(seed=0, b=2, device="cpu"):
+    """(tokens, labels, position ids), drawn on the CPU (the same on any device), on ``device``."""
     g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, VOCAB, (b, SEQ), generator=g)
-    labels = torch.randint(0, VOCAB, (b, SEQ), generator=g)
-    position_ids = torch.arange(SEQ).unsqueeze(0).expand(b, SEQ)
-    return tokens, labels, position_ids
+    tokens = torch.randint(0, VOCAB, (b, SEQ), generator=g, device="cpu")
+    labels = torch.randint(0, VOCAB, (b, SEQ), generator=g, device="cpu")
+    position_ids = torch.arange(SEQ, device="cpu").unsqueeze(0).expand(b, SEQ)
+    return tokens.to(device), labels.to(device), position_ids.to(device)
 
 
 def rel_err(a, b):
-    a, b = a.double(), b.double()
+    """Relative error of ``a`` against ``b`` (in float64 on the CPU, wherever they live)."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()

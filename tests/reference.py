@@ -44,8 +44,8 @@ def head_norm(x, p, prefix, cfg: RefConfig):
 def rope(x, base):
     """x: [b, heads, s, d]; non-interleaved rotary embedding."""
     s, d = x.shape[2], x.shape[3]
-    inv = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
-    ang = torch.outer(torch.arange(s, dtype=torch.float64), inv)
+    inv = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float64, device=x.device) / d)
+    ang = torch.outer(torch.arange(s, dtype=torch.float64, device=x.device), inv)
     ang = torch.cat([ang, ang], -1)
     x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     rotated = torch.cat([-x2, x1], -1)
@@ -75,7 +75,7 @@ def attention(x, p, pre, cfg: RefConfig, qk_norm=False, v_norm=False):
     k = k.repeat_interleave(per, dim=1)
     v = v.repeat_interleave(per, dim=1)
     scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
-    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
     scores = scores.masked_fill(~causal, float("-inf"))
     out = scores.softmax(-1) @ v
     out = out.transpose(1, 2).reshape(b, s, nq * hd)

@@ -14,7 +14,6 @@ from megatron_hybridnorm.kernels import rmsnorm as rms_mod
 from helpers import rel_err
 
 ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -34,9 +33,16 @@ def close(a, b, dtype, what):
     assert err < tol, f"{what}: relative error {err:.3g} >= {tol:.3g}"
 
 
-def rand(*shape, dtype, seed, scale=1.0):
+def rand(*shape, dtype, seed, device, scale=1.0):
+    """Seeded normal values, drawn on the CPU (the same on any device), moved to ``device``."""
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEVICE)
+    return (torch.randn(*shape, generator=g, device="cpu") * scale).to(dtype).to(device)
+
+
+def weight(width, seed, device, base=1.0):
+    """A norm weight near ``base`` (fp32, requires grad)."""
+    return (rand(width, dtype=torch.float32, seed=seed, device=device) * 0.3 + base
+            ).requires_grad_(True)
 
 
 def ref_rms(x, w, eps=1e-5):
@@ -46,12 +52,11 @@ def ref_rms(x, w, eps=1e-5):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(37, 200), (5, 3, 64), (3, 1000), (2, 3)])
 @pytest.mark.parametrize("zero_centered", [False, True])
-def test_rms_norm_matches_fp64(dtype, shape, zero_centered):
-    x = rand(*shape, dtype=dtype, seed=0, scale=3.0).requires_grad_(True)
-    w = (rand(shape[-1], dtype=torch.float32, seed=1) * 0.3 + (0.0 if zero_centered else 1.0)
-         ).requires_grad_(True)
+def test_rms_norm_matches_fp64(device, dtype, shape, zero_centered):
+    x = rand(*shape, dtype=dtype, seed=0, device=device, scale=3.0).requires_grad_(True)
+    w = weight(shape[-1], 1, device, base=0.0 if zero_centered else 1.0)
     y = rms_mod.rms_norm(x, w, 1e-5, zero_centered)
-    dy = rand(*shape, dtype=dtype, seed=2)
+    dy = rand(*shape, dtype=dtype, seed=2, device=device)
     y.backward(dy)
     xr, wr = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
     yr = ref_rms(xr, wr + (1.0 if zero_centered else 0.0))
@@ -72,17 +77,17 @@ ADD_CASES = [  # shape, residual dtype (None: as a), bias
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,x_dtype,bias", ADD_CASES, ids=[str(c) for c in ADD_CASES])
-def test_add_rms_norm_matches_fp64(dtype, shape, x_dtype, bias):
+def test_add_rms_norm_matches_fp64(device, dtype, shape, x_dtype, bias):
     """N(x + a + bias): the sum is stored in the output dtype (as Megatron's add stores it) and
     that rounded sum is normalized; gradients flow to x, a, bias and the weight."""
     x_dtype = x_dtype or dtype
-    x = rand(*shape, dtype=x_dtype, seed=0, scale=2.0).requires_grad_(True)
-    a = rand(*shape, dtype=dtype, seed=1).requires_grad_(True)
-    b = rand(shape[-1], dtype=dtype, seed=2).requires_grad_(True) if bias else None
-    w = (rand(shape[-1], dtype=torch.float32, seed=3) * 0.3 + 1.0).requires_grad_(True)
+    x = rand(*shape, dtype=x_dtype, seed=0, device=device, scale=2.0).requires_grad_(True)
+    a = rand(*shape, dtype=dtype, seed=1, device=device).requires_grad_(True)
+    b = rand(shape[-1], dtype=dtype, seed=2, device=device).requires_grad_(True) if bias else None
+    w = weight(shape[-1], 3, device)
     y = rms_mod.add_rms_norm(x, a, b, w, 1e-5)
     out_dtype = torch.promote_types(x_dtype, dtype)
-    dy = rand(*shape, dtype=out_dtype, seed=4)
+    dy = rand(*shape, dtype=out_dtype, seed=4, device=device)
     y.backward(dy)
 
     leaves = [t.detach().double().requires_grad_(True) for t in (x, a, w)]
@@ -104,7 +109,7 @@ def test_add_rms_norm_matches_fp64(dtype, shape, x_dtype, bias):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape,p", [((37, 200), 0.3), ((3, 1000), 0.1)])
-def test_add_rms_norm_with_dropout_matches_fp64_under_its_mask(dtype, shape, p):
+def test_add_rms_norm_with_dropout_matches_fp64_under_its_mask(device, dtype, shape, p):
     """N(x + dropout(a + bias)): the mask is Philox's draw at the seed taken from torch's
     generator (element (row, col): lane col % 4 of the four draws at counter
     row * ceil(cols / 4) + col // 4); rebuilt here element by element, the fp64 reference uses
@@ -122,19 +127,19 @@ def test_add_rms_norm_with_dropout_matches_fp64_under_its_mask(dtype, shape, p):
         u = tl.where(lane == 0, u0, tl.where(lane == 1, u1, tl.where(lane == 2, u2, u3)))
         tl.store(OUT + offs, u, mask=offs < n)
 
-    x = rand(*shape, dtype=dtype, seed=0, scale=2.0).requires_grad_(True)
-    a = rand(*shape, dtype=dtype, seed=1).requires_grad_(True)
-    b = rand(shape[-1], dtype=dtype, seed=2).requires_grad_(True)
-    w = (rand(shape[-1], dtype=torch.float32, seed=3) * 0.3 + 1.0).requires_grad_(True)
+    x = rand(*shape, dtype=dtype, seed=0, device=device, scale=2.0).requires_grad_(True)
+    a = rand(*shape, dtype=dtype, seed=1, device=device).requires_grad_(True)
+    b = rand(shape[-1], dtype=dtype, seed=2, device=device).requires_grad_(True)
+    w = weight(shape[-1], 3, device)
     torch.manual_seed(11)
     y = rms_mod.add_rms_norm(x, a, b, w, 1e-5, dropout_p=p)
-    dy = rand(*shape, dtype=dtype, seed=4)
+    dy = rand(*shape, dtype=dtype, seed=4, device=device)
     y.backward(dy)
 
     torch.manual_seed(11)
-    seed = rms_mod.draw_seed(DEVICE)
-    assert any(rms_mod.draw_seed(DEVICE).item() >= 2**32 for _ in range(4))  # more than 31 bits
-    uniform = torch.empty(x.numel(), device=DEVICE)
+    seed = rms_mod.draw_seed(device)
+    assert any(rms_mod.draw_seed(device).item() >= 2**32 for _ in range(4))  # more than 31 bits
+    uniform = torch.empty(x.numel(), device=device)
     draw[(triton.cdiv(x.numel(), 1024),)](seed, uniform, x.numel(), shape[-1], BLOCK=1024)
     keep = (uniform >= p).view(shape)
     assert abs(1 - keep.double().mean().item() - p) < 0.03  # the drop rate
@@ -167,7 +172,7 @@ LAUNCHES = [  # (widest single-pass row, forced rms_fwd / rms_bwd config)
 
 
 @pytest.mark.parametrize("max_block,config", LAUNCHES, ids=[str(c) for c in LAUNCHES])
-def test_rms_kernels_under_other_launch_shapes(monkeypatch, max_block, config):
+def test_rms_kernels_under_other_launch_shapes(device, monkeypatch, max_block, config):
     """Chunked rows (wider than the single-pass tile) and other tile/grid shapes: the same
     fp64 checks, dropout (its mask depends only on the element) included."""
     import contextlib
@@ -178,17 +183,18 @@ def test_rms_kernels_under_other_launch_shapes(monkeypatch, max_block, config):
             stack.enter_context(launch.forced("rms_fwd", config))
             stack.enter_context(launch.forced("rms_bwd", config))
         for dtype in (torch.float32, torch.bfloat16):
-            test_rms_norm_matches_fp64(dtype, (37, 200), True)
+            test_rms_norm_matches_fp64(device, dtype, (37, 200), True)
             for case in ADD_CASES[:3]:
-                test_add_rms_norm_matches_fp64(dtype, *case)
-            test_add_rms_norm_with_dropout_matches_fp64_under_its_mask(dtype, (3, 1000), 0.1)
+                test_add_rms_norm_matches_fp64(device, dtype, *case)
+            test_add_rms_norm_with_dropout_matches_fp64_under_its_mask(device, dtype, (3, 1000),
+                                                                       0.1)
 
 
-def test_rms_kernels_take_strided_rows():
+def test_rms_kernels_take_strided_rows(device):
     """Rows with a stride (a slice of a wider tensor) are read in place, as the same values."""
-    base = rand(6, 300, dtype=torch.float32, seed=0)
+    base = rand(6, 300, dtype=torch.float32, seed=0, device=device)
     x = base[:, :200]
-    w = torch.ones(200, device=DEVICE)
+    w = torch.ones(200, device=device)
     assert not x.is_contiguous() and rms_mod._as_rows(x, 200).data_ptr() == x.data_ptr()
     assert torch.equal(rms_mod.rms_norm(x, w, 1e-5), rms_mod.rms_norm(x.contiguous(), w, 1e-5))
 
@@ -240,14 +246,14 @@ def qkv_kernel(mode):
             lambda ng, P, hd: {"widths": (ng * P * hd, ng * hd)})
 
 
-def incoming_grad(shape, dtype, seed, layout):
+def incoming_grad(shape, dtype, seed, layout, device):
     """A gradient for a [s, b, heads, head_dim] output, laid out as attention's backward may
     hand it over: "sbhd" (contiguous) or "bhsd" (the [s, b, heads, hd] view of a contiguous
     [b, heads, s, hd] tensor, as SDPA's gradient arrives through a permute)."""
     if layout == "sbhd":
-        return rand(*shape, dtype=dtype, seed=seed)
+        return rand(*shape, dtype=dtype, seed=seed, device=device)
     s, b, h, d = shape
-    g = rand(b, h, s, d, dtype=dtype, seed=seed).permute(2, 0, 1, 3)
+    g = rand(b, h, s, d, dtype=dtype, seed=seed, device=device).permute(2, 0, 1, 3)
     assert not g.is_contiguous()
     return g
 
@@ -256,7 +262,8 @@ def check_qkv_against_fp64(outs, mixed, ws, dtype, norm_v, reference, layout="bh
     """Backpropagates random gradients (strided, by default) through a kernel's (q, k, v) and
     through ``reference`` (fp64, from the same inputs) and compares outputs, d(mixed) and the
     weight gradients."""
-    grads = [incoming_grad(t.shape, dtype, 10 + i, layout) for i, t in enumerate(outs)]
+    grads = [incoming_grad(t.shape, dtype, 10 + i, layout, mixed.device)
+             for i, t in enumerate(outs)]
     torch.autograd.backward(outs, grads)
     m = mixed.detach().double().requires_grad_(True)
     wr = [w.detach().double().requires_grad_(True) for w in ws]
@@ -277,12 +284,12 @@ def check_qkv_against_fp64(outs, mixed, ws, dtype, norm_v, reference, layout="bh
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", QKV_SHAPES, ids=[str(s) for s in QKV_SHAPES])
 @pytest.mark.parametrize("norm_v", [True, False])
-def test_fused_qkv_norm_matches_fp64(mode, dtype, shape, norm_v, layout):
+def test_fused_qkv_norm_matches_fp64(device, mode, dtype, shape, norm_v, layout):
     kernel, reference, widths, extra = qkv_kernel(mode)
     sq, b, ng, P, hd = shape
-    mixed = rand(sq, b, ng, (P + 2) * hd, dtype=dtype, seed=3, scale=2.0).requires_grad_(True)
-    ws = [(rand(n, dtype=torch.float32, seed=4 + i) * 0.3 + 1.0).requires_grad_(True)
-          for i, n in enumerate(widths(ng, P, hd))]
+    mixed = rand(sq, b, ng, (P + 2) * hd, dtype=dtype, seed=3, device=device,
+                 scale=2.0).requires_grad_(True)
+    ws = [weight(n, 4 + i, device) for i, n in enumerate(widths(ng, P, hd))]
     q, k, v = kernel(mixed, ws[0], ws[1], ws[2] if norm_v else None, heads_per_group=P,
                      head_dim=hd, eps=1e-5, **extra(ng, P, hd))
     assert q.shape == (sq, b, ng * P, hd) and k.shape == v.shape == (sq, b, ng, hd)
@@ -291,7 +298,7 @@ def test_fused_qkv_norm_matches_fp64(mode, dtype, shape, norm_v, layout):
 
 
 def test_strided_gradients_reach_the_kernels_in_place():
-    g = incoming_grad((3, 2, 4, 8), torch.float32, 0, "bhsd")
+    g = incoming_grad((3, 2, 4, 8), torch.float32, 0, "bhsd", "cpu")
     assert launch.heads_view(g, 3, 2, 4, 8).data_ptr() == g.data_ptr()
     assert launch.heads_view(g, 3, 2, 4, 8).stride() == g.stride()
 
@@ -302,16 +309,16 @@ QKV_LAUNCHES = [launch.Launch(rows=1, warps=2, programs_per_sm=1),
 
 
 @pytest.mark.parametrize("config", QKV_LAUNCHES, ids=str)
-def test_qkv_kernels_under_other_launch_shapes(config):
+def test_qkv_kernels_under_other_launch_shapes(device, config):
     """Tiles of 1 to 64 heads (rows for the full-width kernel), a grid of 1 to 6 programs: the
     same fp64 checks, RoPE included."""
     with launch.forced("qkv_fwd", config), launch.forced("qkv_bwd", config), \
             launch.forced("full_fwd", config), launch.forced("full_bwd", config):
         for mode in ("head", "full"):
             for dtype in (torch.float32, torch.bfloat16):
-                test_fused_qkv_norm_matches_fp64(mode, dtype, QKV_SHAPES[0], True, "bhsd")
-        test_fused_qkv_norm_with_rope_matches_fp64(torch.float32, ROPE_CASES[1], True)
-        test_fused_qkv_norm_with_rope_matches_fp64(torch.bfloat16, ROPE_CASES[2], False)
+                test_fused_qkv_norm_matches_fp64(device, mode, dtype, QKV_SHAPES[0], True, "bhsd")
+        test_fused_qkv_norm_with_rope_matches_fp64(device, torch.float32, ROPE_CASES[1], True)
+        test_fused_qkv_norm_with_rope_matches_fp64(device, torch.bfloat16, ROPE_CASES[2], False)
 
 
 def ref_rope(t, freqs, interleaved, mscale):
@@ -339,17 +346,17 @@ ROPE_CASES = [  # shape (sq, b, groups, P, hd), rotary dim, interleaved, mscale
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ROPE_CASES, ids=[str(c) for c in ROPE_CASES])
 @pytest.mark.parametrize("norm_v", [True, False])
-def test_fused_qkv_norm_with_rope_matches_fp64(dtype, case, norm_v):
+def test_fused_qkv_norm_with_rope_matches_fp64(device, dtype, case, norm_v):
     """Norm, then RoPE on q and k (v is never rotated), in one pass, against Megatron's RoPE
     applied to the fp64 reference's normalized heads; gradients through both."""
     from megatron_hybridnorm.kernels.qkv_norm import qkv_norm, rope_tables
 
     (sq, b, ng, P, hd), rot, interleaved, mscale = case
-    mixed = rand(sq, b, ng, (P + 2) * hd, dtype=dtype, seed=3, scale=2.0).requires_grad_(True)
-    ws = [(rand(hd, dtype=torch.float32, seed=4 + i) * 0.3 + 1.0).requires_grad_(True)
-          for i in range(3)]
-    inv = 1.0 / (10000 ** (torch.arange(0, rot, 2, dtype=torch.float64) / rot))
-    angles = torch.outer(torch.arange(sq + 2, dtype=torch.float64), inv)  # longer than sq
+    mixed = rand(sq, b, ng, (P + 2) * hd, dtype=dtype, seed=3, device=device,
+                 scale=2.0).requires_grad_(True)
+    ws = [weight(hd, 4 + i, device) for i in range(3)]
+    inv = 1.0 / (10000 ** (torch.arange(0, rot, 2, dtype=torch.float64, device=device) / rot))
+    angles = torch.outer(torch.arange(sq + 2, dtype=torch.float64, device=device), inv)
     freqs = (torch.stack((angles, angles), -1).flatten(-2) if interleaved
              else torch.cat((angles, angles), -1))[:, None, None, :]
     q, k, v = qkv_norm(mixed, ws[0], ws[1], ws[2] if norm_v else None, heads_per_group=P,
@@ -395,10 +402,11 @@ def test_full_width_qkv_norm_statistics_span_the_tensor_parallel_group():
     from megatron_hybridnorm.kernels.qkv_full_norm import qkv_full_norm
 
     sq, b, ng, P, hd = 3, 2, 4, 2, 24
-    mixed = rand(sq, b, ng, (P + 2) * hd, dtype=torch.float32, seed=3, scale=2.0)
-    ws = [rand(n, dtype=torch.float32, seed=4 + i) * 0.3 + 1.0
+    device = "cpu"  # the ranks run on gloo
+    mixed = rand(sq, b, ng, (P + 2) * hd, dtype=torch.float32, seed=3, device=device, scale=2.0)
+    ws = [rand(n, dtype=torch.float32, seed=4 + i, device=device) * 0.3 + 1.0
           for i, n in enumerate((ng * P * hd, ng * hd, ng * hd))]
-    grads = [rand(sq, b, n, hd, dtype=torch.float32, seed=10 + i)
+    grads = [rand(sq, b, n, hd, dtype=torch.float32, seed=10 + i, device=device)
              for i, n in enumerate((ng * P, ng, ng))]
     one_m = mixed.clone().requires_grad_(True)
     one_w = [w.clone().requires_grad_(True) for w in ws]
@@ -454,14 +462,14 @@ def test_every_kernel_variant_and_launch_config_compiles_for_hopper(tmp_path):
         assert b["resident_warps"] >= 16, b
 
 
-def test_dispatch_modes(monkeypatch):
-    x = torch.zeros(2)
+def test_dispatch_modes(device, monkeypatch):
+    x = torch.zeros(2, device=device)
     monkeypatch.delenv("HYBRIDNORM_KERNELS", raising=False)
-    assert kernels.use_triton(x) == (x.is_cuda and ON_GPU)  # auto: the GPU only
+    assert kernels.use_triton(x) == x.is_cuda  # auto: the GPU only
     monkeypatch.setenv("HYBRIDNORM_KERNELS", "torch")
     assert not kernels.use_triton(x)
     monkeypatch.setenv("HYBRIDNORM_KERNELS", "triton")
-    assert kernels.use_triton(x)  # the interpreter is on in the tests
+    assert kernels.use_triton(x)  # on a CPU, the interpreter is on in the tests
     for dtype in (torch.float64, torch.int32):  # never computed in lower precision
         assert kernels.kernel_path(x.to(dtype)) == (False, f"{dtype} (the kernels compute fp32, "
                                                            "bf16 and fp16)")
@@ -494,16 +502,17 @@ def test_a_cuda_tensor_without_a_working_triton_warns_once_and_takes_torch(monke
 
 @pytest.mark.parametrize("mode", ["triton", "torch"])
 def test_each_layer_says_once_which_path_its_norms_took(megatron_single_rank, monkeypatch,
-                                                        capsys, mode):
+                                                        capsys, device, mode):
     from helpers import batch, build_gpt, tiny_config
     from megatron_hybridnorm.kernels import report
 
     monkeypatch.setattr(report, "_shown", set())
     monkeypatch.setenv("HYBRIDNORM_KERNELS", mode)
-    model = build_gpt(tiny_config(), "hybridnorm_star")
-    tokens, labels, pos = batch()
-    for _ in range(2):
-        model(tokens, pos, None, labels=labels).sum().backward()
+    tokens, labels, pos = batch(device=device)
+    with torch.device(device):
+        model = build_gpt(tiny_config(), "hybridnorm_star")
+        for _ in range(2):
+            model(tokens, pos, None, labels=labels).sum().backward()
     lines = [ln for ln in capsys.readouterr().out.splitlines() if "norm kernels" in ln]
     why = "HYBRIDNORM_KERNELS=" + mode
     first = "input, q, k, v, pre_mlp"
@@ -581,7 +590,7 @@ FUSED_ADDS = {"hybridnorm_star": 3, "prenorm_qknorm": 0, "postnorm": 8}
 @pytest.mark.parametrize("scheme,config,qkv_norm", MODEL_CASES,
                          ids=[f"{s}{''.join('-' + k for k in c)}-{q}" for s, c, q in MODEL_CASES])
 def test_models_match_the_reference_with_the_kernels(megatron_single_rank, forced_kernels,
-                                                     scheme, config, qkv_norm):
+                                                     device, scheme, config, qkv_norm):
     """The core issue's reference test, with every RMSNorm, the residual adds before norms and
     the Q/K/V norms in Triton."""
     from helpers import build_gpt, randomize_norms, tiny_config
@@ -589,7 +598,8 @@ def test_models_match_the_reference_with_the_kernels(megatron_single_rank, force
 
     torch.manual_seed(0)
     cfg = tiny_config(**config)
-    model = build_gpt(cfg, scheme, **({"qkv_norm": "full"} if qkv_norm == "full" else {}))
+    with torch.device(device):
+        model = build_gpt(cfg, scheme, **({"qkv_norm": "full"} if qkv_norm == "full" else {}))
     randomize_norms(model)
     if config.get("layernorm_zero_centered_gamma"):
         with torch.no_grad():
@@ -610,7 +620,7 @@ def test_models_match_the_reference_with_the_kernels(megatron_single_rank, force
 def _logits_and_grads(model, dropout_rng_seed=0):
     from helpers import batch
 
-    tokens, labels, pos = batch()
+    tokens, labels, pos = batch(device=next(model.parameters()).device)
     model.zero_grad()
     torch.manual_seed(dropout_rng_seed)
     loss = model(tokens, pos, None, labels=labels)
@@ -621,7 +631,8 @@ def _logits_and_grads(model, dropout_rng_seed=0):
 @pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["hybridnorm", "postnorm"])
 def test_fused_residual_add_equals_megatrons_bias_dropout_add(megatron_single_rank,
-                                                              forced_kernels, monkeypatch, scheme):
+                                                              forced_kernels, monkeypatch, device,
+                                                              scheme):
     """With linear biases (which the fp64 reference model lacks), the fused add + norm against
     Megatron's own bias-dropout-add followed by the norm (the fusion switched off in the layer),
     both in fp32, and both against that Megatron path in float64: every gradient of the fused
@@ -632,59 +643,60 @@ def test_fused_residual_add_equals_megatrons_bias_dropout_add(megatron_single_ra
     from helpers import build_gpt, randomize_norms, tiny_config
     from megatron_hybridnorm.layer import HybridTransformerLayer
 
-    torch.manual_seed(0)
-    model = build_gpt(tiny_config(add_bias_linear=True), scheme)
-    randomize_norms(model)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("bias") and "layernorm" not in n:
-                p.normal_(0.0, 0.5)
-    fused_loss, fused = _logits_and_grads(model)
-    assert forced_kernels["add_rms_norm"] == {"hybridnorm": 4, "postnorm": 8}[scheme]
+    with torch.device(device):  # the models and what Megatron allocates without a device
+        torch.manual_seed(0)
+        model = build_gpt(tiny_config(add_bias_linear=True), scheme)
+        randomize_norms(model)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith("bias") and "layernorm" not in n:
+                    p.normal_(0.0, 0.5)
+        fused_loss, fused = _logits_and_grads(model)
+        assert forced_kernels["add_rms_norm"] == {"hybridnorm": 4, "postnorm": 8}[scheme]
 
-    results = {}
-    with monkeypatch.context() as m:  # Megatron's add; the Q/K/V and norm kernels stay on
-        m.setattr(HybridTransformerLayer, "_fuses_add", lambda self, norm: False)
-        for dtype in (torch.float32, torch.float64):
-            if dtype == torch.float64:
-                m.setenv("HYBRIDNORM_KERNELS", "torch")
-            plain = build_gpt(tiny_config(add_bias_linear=True, params_dtype=dtype), scheme)
-            floating = {k: v.to(dtype) for k, v in model.state_dict().items()
-                        if torch.is_tensor(v) and v.is_floating_point()}
-            plain.load_state_dict({**model.state_dict(), **floating})
-            results[dtype] = _logits_and_grads(plain.to(dtype))
-    assert forced_kernels["add_rms_norm"] == {"hybridnorm": 4, "postnorm": 8}[scheme]
-    (plain_loss, plain), (true_loss, truth) = results[torch.float32], results[torch.float64]
-    assert rel_err(fused_loss, true_loss) < 1e-6 and rel_err(plain_loss, true_loss) < 1e-6
-    worse = {}
-    for n in fused:
-        err, megatrons = rel_err(fused[n], truth[n]), rel_err(plain[n], truth[n])
-        if err >= max(1e-5, 2 * megatrons):
-            worse[n] = (err, megatrons)
-    assert not worse, worse
-    assert any(n.endswith("linear_proj.bias") for n in fused)  # the bias path was exercised
+        results = {}
+        with monkeypatch.context() as m:  # Megatron's add; the Q/K/V and norm kernels stay on
+            m.setattr(HybridTransformerLayer, "_fuses_add", lambda self, norm: False)
+            for dtype in (torch.float32, torch.float64):
+                if dtype == torch.float64:
+                    m.setenv("HYBRIDNORM_KERNELS", "torch")
+                plain = build_gpt(tiny_config(add_bias_linear=True, params_dtype=dtype), scheme)
+                floating = {k: v.to(dtype) for k, v in model.state_dict().items()
+                            if torch.is_tensor(v) and v.is_floating_point()}
+                plain.load_state_dict({**model.state_dict(), **floating})
+                results[dtype] = _logits_and_grads(plain.to(dtype))
+        assert forced_kernels["add_rms_norm"] == {"hybridnorm": 4, "postnorm": 8}[scheme]
+        (plain_loss, plain), (true_loss, truth) = results[torch.float32], results[torch.float64]
+        assert rel_err(fused_loss, true_loss) < 1e-6 and rel_err(plain_loss, true_loss) < 1e-6
+        worse = {}
+        for n in fused:
+            err, megatrons = rel_err(fused[n], truth[n]), rel_err(plain[n], truth[n])
+            if err >= max(1e-5, 2 * megatrons):
+                worse[n] = (err, megatrons)
+        assert not worse, worse
+        assert any(n.endswith("linear_proj.bias") for n in fused)  # the bias path was exercised
 
-    # hidden dropout in training: fused too; the same torch seed gives the same loss
-    calls = forced_kernels["add_rms_norm"]
-    drop = build_gpt(tiny_config(add_bias_linear=True, hidden_dropout=0.2), scheme)
-    drop.load_state_dict(model.state_dict())
-    drop_loss, _ = _logits_and_grads(drop, dropout_rng_seed=5)
-    assert forced_kernels["add_rms_norm"] > calls
-    assert torch.equal(_logits_and_grads(drop, dropout_rng_seed=5)[0], drop_loss)
-    assert not torch.equal(drop_loss, fused_loss)
-    drop.eval()  # no dropout in eval
-    assert rel_err(_logits_and_grads(drop)[0], fused_loss) < 1e-6
-    # on the torch path the handed-over add draws torch's dropout exactly as Megatron's does
-    monkeypatch.setenv("HYBRIDNORM_KERNELS", "torch")
-    losses = []
-    for fuse in (True, False):
-        with monkeypatch.context() as m:
-            if not fuse:
-                m.setattr(HybridTransformerLayer, "_fuses_add", lambda self, norm: False)
-            net = build_gpt(tiny_config(add_bias_linear=True, hidden_dropout=0.2), scheme)
-            net.load_state_dict(model.state_dict())
-            losses.append(_logits_and_grads(net, dropout_rng_seed=5)[0])
-    assert torch.equal(losses[0], losses[1]) and not torch.equal(losses[0], fused_loss)
+        # hidden dropout in training: fused too; the same torch seed gives the same loss
+        calls = forced_kernels["add_rms_norm"]
+        drop = build_gpt(tiny_config(add_bias_linear=True, hidden_dropout=0.2), scheme)
+        drop.load_state_dict(model.state_dict())
+        drop_loss, _ = _logits_and_grads(drop, dropout_rng_seed=5)
+        assert forced_kernels["add_rms_norm"] > calls
+        assert torch.equal(_logits_and_grads(drop, dropout_rng_seed=5)[0], drop_loss)
+        assert not torch.equal(drop_loss, fused_loss)
+        drop.eval()  # no dropout in eval
+        assert rel_err(_logits_and_grads(drop)[0], fused_loss) < 1e-6
+        # on the torch path the handed-over add draws torch's dropout exactly as Megatron's does
+        monkeypatch.setenv("HYBRIDNORM_KERNELS", "torch")
+        losses = []
+        for fuse in (True, False):
+            with monkeypatch.context() as m:
+                if not fuse:
+                    m.setattr(HybridTransformerLayer, "_fuses_add", lambda self, norm: False)
+                net = build_gpt(tiny_config(add_bias_linear=True, hidden_dropout=0.2), scheme)
+                net.load_state_dict(model.state_dict())
+                losses.append(_logits_and_grads(net, dropout_rng_seed=5)[0])
+        assert torch.equal(losses[0], losses[1]) and not torch.equal(losses[0], fused_loss)
 
 
 @pytest.mark.slow

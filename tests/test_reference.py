@@ -12,14 +12,19 @@ TOL = 1e-5
 
 def compare_to_reference(model, scheme, config, ref_scheme=None, **ref_options):
     """Max relative error of Megatron (fp32) against the fp64 reference, over logits, loss and
-    the gradient of every parameter. Returns (worst error, {name: error})."""
-    tokens, labels, pos = batch()
+    the gradient of every parameter. Returns (worst error, {name: error}). The model runs on the
+    device of its parameters, the reference on the CPU."""
+    device = next(model.parameters()).device
+    tokens, labels, pos = batch(device=device)
     model.zero_grad()
-    logits = model(tokens, pos, None)
-    loss = model(tokens, pos, None, labels=labels)
-    loss.sum().backward()
+    with torch.device(device):  # what Megatron allocates without naming a device
+        logits = model(tokens, pos, None)
+        loss = model(tokens, pos, None, labels=labels)
+        loss.sum().backward()
+    tokens, labels = tokens.cpu(), labels.cpu()
 
-    params = {n: p.detach().double().clone().requires_grad_(True) for n, p in model.named_parameters()}
+    params = {n: p.detach().double().cpu().requires_grad_(True)
+              for n, p in model.named_parameters()}
     rcfg = reference.RefConfig(
         hidden=config.hidden_size,
         heads=config.num_attention_heads,

@@ -3,7 +3,9 @@ rank's failure clearly. Hangs end at a timeout that names the ranks that did not
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
+import os
 import pickle
 import queue
 import socket
@@ -85,6 +87,22 @@ def _worker(rank, world_size, port, layout, seed, fn, args, kwargs, results):
             pass
 
 
+@contextlib.contextmanager
+def _cpu_ranks():
+    """Spawned processes inherit the environment at start: hide CUDA from them, and give them
+    Triton's interpreter (for tests that force the kernels on the CPU)."""
+    saved = {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "TRITON_INTERPRET")}
+    os.environ.update(CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def run_distributed(
     fn,
     world_size: int,
@@ -99,6 +117,9 @@ def run_distributed(
 
     ``fn`` must be importable (a module-level function). Raises ``RankFailure`` with every
     failing rank's traceback, or with the ranks still running at the timeout (then killed).
+    The ranks run on the CPU with gloo, CUDA hidden from them, also on a GPU machine: a
+    one-rank run and its multi-rank twin then compute on the same device, and NCCL (which
+    refuses two ranks on one GPU) is not needed.
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -111,8 +132,9 @@ def run_distributed(
         )
         for r in range(world_size)
     ]
-    for p in procs:
-        p.start()
+    with _cpu_ranks():
+        for p in procs:
+            p.start()
     outcome: dict[int, tuple[str, object]] = {}
     deadline = time.monotonic() + timeout
     try:
