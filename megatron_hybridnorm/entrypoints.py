@@ -8,6 +8,8 @@ Scheme options come from the environment, because ``--spec`` passes no arguments
 
     HYBRIDNORM_QKV_NORM=full         Q/K/V norms over all heads (default: head, the paper's)
     HYBRIDNORM_MIXLN_FRACTION=0.5    Mix-LN's fraction of Post-Norm layers (default 0.25)
+    HYBRIDNORM_TE_FFN_NORM=fused_add on Transformer Engine, the pre-MLP norm whose output is the
+                                     residual: te (default), fused_add or in_linear
 
 An option that does not apply to the chosen scheme is reported on rank 0 and not used, so one
 environment can serve a HybridNorm run and its Pre-Norm baseline. Megatron-LM 0.19 logs an
@@ -27,6 +29,7 @@ from .specs import get_decoder_block_spec
 ENV_OPTIONS = {
     "HYBRIDNORM_QKV_NORM": ("qkv_norm", str),
     "HYBRIDNORM_MIXLN_FRACTION": ("mixln_fraction", float),
+    "HYBRIDNORM_TE_FFN_NORM": ("te_ffn_norm", str),
 }
 ENV_RUNTIME = ("HYBRIDNORM_KERNELS",)  # read where the norms run (kernels/dispatch.py)
 
@@ -39,7 +42,9 @@ def options_from_env(scheme: str, environ=os.environ) -> tuple[dict, list[str]]:
         raise ValueError(f"unknown {', '.join(sorted(unknown))}; megatron-hybridnorm reads "
                          f"{', '.join(known)}")
     s = get_scheme(scheme)
-    applies = {"qkv_norm": s.has_head_norms, "mixln_fraction": s.head_fraction is not None}
+    applies = {"qkv_norm": s.has_head_norms, "mixln_fraction": s.head_fraction is not None,
+               "te_ffn_norm": any(lay is not None and lay.pre_mlp_is_residual
+                                  for lay in (s.body, s.head))}
     options, notes = {}, []
     for var, (option, cast) in ENV_OPTIONS.items():
         if var not in environ:

@@ -123,6 +123,9 @@ class HybridTransformerLayer(TransformerLayer):
             )
 
     def _forward_post_mlp(self, mlp_output_with_bias, residual):
+        fc1 = getattr(self.mlp, "linear_fc1", None)
+        if getattr(fc1, "keeps_norm_output", False):  # te_ffn_norm="in_linear": n is the residual
+            residual = fc1.take_norm_output()
         norm = self.post_mlp_layernorm
         if isinstance(norm, IdentityOp):
             return super()._forward_post_mlp(mlp_output_with_bias, residual)

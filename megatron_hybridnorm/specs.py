@@ -24,7 +24,7 @@ from .attention import QKVNormSelfAttention, QKVNormSelfAttentionSubmodules
 from .core_attention import SDPAttention
 from .layer import HybridTransformerLayer, HybridTransformerLayerSubmodules
 from .norms import FullWidthNorm, HeadNorm, Norm, PostNorm
-from .norms.te import TEPostNorm
+from .norms.te import TEPostNorm, te_norm_linear_keeping_norm
 from .schemes import LayerNorms, get_scheme
 from .validate import SchemeConfigError, check_config, check_options
 
@@ -70,13 +70,17 @@ def get_layer_spec(
     num_experts: int | None = None,
     moe_grouped_gemm: bool = False,
     use_transformer_engine: bool = False,
+    te_ffn_norm: str = "te",
 ) -> ModuleSpec:
     """One layer's spec. ``scheme`` is a scheme name or a ``LayerNorms`` layout.
 
     ``first_block`` picks the scheme's layout for its first layers (HybridNorm*'s block 0,
     Mix-LN's Post-Norm layers). On Transformer Engine, a pre-norm is fused into the linear
-    that follows it (``TELayerNormColumnParallelLinear``); a norm whose output is also the
-    residual cannot be, and stays a separate TE norm.
+    that follows it (``TELayerNormColumnParallelLinear``). A pre-MLP norm whose output is also
+    the residual is, by ``te_ffn_norm``: "te", a separate TE norm; "fused_add", this package's
+    norm with the residual add fused in (Triton); "in_linear", inside the FFN's first linear,
+    which hands its norm output over as the residual (dense FFNs only). Checkpoints name it
+    ``pre_mlp_layernorm`` in all three.
     """
     if isinstance(scheme, LayerNorms):
         lay = scheme
@@ -89,24 +93,33 @@ def get_layer_spec(
     fuse_input = lay.input and b.fuses_norm_into_linear
     fuse_pre_mlp = (lay.pre_mlp and not lay.pre_mlp_is_residual and num_experts is None
                     and b.fuses_norm_into_linear)
+    residual_norm = lay.pre_mlp_is_residual and b.fuses_norm_into_linear
+    norm_in_linear = residual_norm and te_ffn_norm == "in_linear"
+    if norm_in_linear and num_experts is not None:
+        raise SchemeConfigError('te_ffn_norm="in_linear" needs a dense FFN; this layer is MoE')
     if num_experts is None:
+        fc1 = p.column_parallel_linear()
+        if fuse_pre_mlp:
+            fc1 = p.column_parallel_layer_norm_linear()
+        elif norm_in_linear:
+            fc1 = te_norm_linear_keeping_norm()
         mlp = partial(
             MLP.as_mlp_submodule,
-            submodules=MLPSubmodules(
-                linear_fc1=(p.column_parallel_layer_norm_linear() if fuse_pre_mlp
-                            else p.column_parallel_linear()),
-                linear_fc2=p.row_parallel_linear(),
-            ),
+            submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=p.row_parallel_linear()),
         )
     else:  # the router and the experts see the pre-MLP norm's output
         mlp = get_moe_module_spec_for_backend(
             backend=p, num_experts=num_experts, moe_grouped_gemm=moe_grouped_gemm
         )
-    if not lay.pre_mlp or fuse_pre_mlp:
+    if not lay.pre_mlp or fuse_pre_mlp or norm_in_linear:
         pre_mlp = IdentityOp
+    elif residual_norm and te_ffn_norm == "fused_add":
+        pre_mlp = PostNorm
     else:
         pre_mlp = b.post_norm if lay.pre_mlp_is_residual else b.norm
     keys_map = {}
+    if norm_in_linear:  # the same checkpoint names as the separate norm
+        keys_map["mlp.linear_fc1.layer_norm_"] = "pre_mlp_layernorm."
     if not b.fuses_norm_into_linear:
         # Megatron stores local pre-norms under the names the TE fused linears give them, so
         # that local and TE checkpoints interchange; do the same where TE would fuse the norm.
@@ -188,7 +201,9 @@ def get_decoder_block_spec(
     ``config.hetereogenous_dist_checkpoint`` (see below); build the model with the same config.
 
     Options: ``qkv_norm`` ("head", the paper's per-head norms, or "full": over all heads, exact
-    at any TP size) for schemes with Q/K/V norms; ``mixln_fraction`` (0.25) for Mix-LN.
+    at any TP size) for schemes with Q/K/V norms; ``mixln_fraction`` (0.25) for Mix-LN;
+    ``te_ffn_norm`` ("te", "fused_add" or "in_linear", see ``get_layer_spec``) on Transformer
+    Engine for schemes whose pre-MLP norm output is the residual.
     """
     s = get_scheme(scheme)
     opts = check_options(s, options)
@@ -211,6 +226,7 @@ def get_decoder_block_spec(
                 num_experts=config.num_moe_experts if moe[layer_id] else None,
                 moe_grouped_gemm=config.moe_grouped_gemm,
                 use_transformer_engine=use_transformer_engine,
+                te_ffn_norm=opts.get("te_ffn_norm", "te"),
             )
         return specs[key]
 

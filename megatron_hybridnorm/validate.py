@@ -8,6 +8,10 @@ from .norms.base import NORMALIZATIONS
 from .schemes import LayerNorms, Scheme
 
 QKV_NORMS = ("head", "full")
+# the TE backend's pre-MLP norm whose output is also the residual (HybridNorm's FFN, Post-Norm):
+# TE's RMSNorm module, this package's Triton add + norm, or TE's LayerNormLinear returning its
+# norm output (the norm inside the FFN's first linear)
+TE_FFN_NORMS = ("te", "fused_add", "in_linear")
 
 
 class SchemeConfigError(ValueError):
@@ -21,6 +25,8 @@ def check_options(scheme: Scheme, options: dict) -> dict:
         known["qkv_norm"] = "head"
     if scheme.head_fraction is not None:
         known["mixln_fraction"] = scheme.head_fraction
+    if any(lay is not None and lay.pre_mlp_is_residual for lay in (scheme.body, scheme.head)):
+        known["te_ffn_norm"] = "te"
     unknown = set(options) - set(known)
     if unknown:
         takes = f"the options {sorted(known)}" if known else "no options"
@@ -28,6 +34,9 @@ def check_options(scheme: Scheme, options: dict) -> dict:
     resolved = {"qkv_norm": "head", **known, **options}
     if resolved["qkv_norm"] not in QKV_NORMS:
         raise SchemeConfigError(f"qkv_norm must be one of {QKV_NORMS}, got {resolved['qkv_norm']!r}")
+    if resolved.get("te_ffn_norm", "te") not in TE_FFN_NORMS:
+        raise SchemeConfigError(
+            f"te_ffn_norm must be one of {TE_FFN_NORMS}, got {resolved['te_ffn_norm']!r}")
     if "mixln_fraction" in resolved and not 0.0 <= resolved["mixln_fraction"] <= 1.0:
         raise SchemeConfigError(
             f"mixln_fraction must lie in [0, 1], got {resolved['mixln_fraction']}"
@@ -87,6 +96,14 @@ def check_config(
         fail(f'qkv_norm="full" normalizes each rank\'s KV heads together, but '
              f"tensor_model_parallel_size={tp} > num_query_groups={groups} replicates KV heads; "
              f'use TP <= {groups} (dividing it) or qkv_norm="head"')
+    te_ffn_norm = options.get("te_ffn_norm", "te")
+    if te_ffn_norm != "te" and not use_transformer_engine:
+        fail(f"te_ffn_norm={te_ffn_norm!r} chooses among Transformer Engine modules; build the "
+             "spec with use_transformer_engine=True, or leave te_ffn_norm unset (the local "
+             "backend runs this package's add + norm)")
+    if te_ffn_norm == "in_linear" and config.num_moe_experts and norm_is_residual:
+        fail('te_ffn_norm="in_linear" puts the norm inside a dense FFN\'s first linear; MoE '
+             'layers have none: use te_ffn_norm="te" or "fused_add"')
     if use_transformer_engine:
         return
     if config.fp8 or config.fp4:

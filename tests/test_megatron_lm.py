@@ -45,6 +45,16 @@ def test_entry_point_options_from_the_environment(megatron_single_rank, monkeypa
     assert finding.scheme == "mixln" and finding.mixln_fraction == 0.5
 
 
+def test_te_ffn_norm_from_the_environment():
+    env = {"HYBRIDNORM_TE_FFN_NORM": "fused_add"}
+    assert entrypoints.options_from_env("hybridnorm_star", env) == ({"te_ffn_norm": "fused_add"},
+                                                                    [])
+    assert entrypoints.options_from_env("prenorm", env) == (
+        {}, ["HYBRIDNORM_TE_FFN_NORM does not apply to prenorm and is not used"])
+    with pytest.raises(mh.SchemeConfigError, match="use_transformer_engine=True"):
+        mh.get_decoder_block_spec(tiny_config(), "hybridnorm", te_ffn_norm="in_linear")
+
+
 def test_entry_point_accepts_the_kernel_switch(monkeypatch):
     monkeypatch.setenv("HYBRIDNORM_KERNELS", "torch")  # read where the norms run, not here
     assert entrypoints.hybridnorm(tiny_config(transformer_impl="local")).layer_specs

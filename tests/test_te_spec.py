@@ -7,7 +7,7 @@ import torch
 import megatron_hybridnorm as mh
 from megatron_hybridnorm import specs
 from megatron_hybridnorm.norms import HeadNorm, Norm, PostNorm
-from megatron_hybridnorm.norms.te import TEPostNorm, as_post_norm
+from megatron_hybridnorm.norms.te import TEPostNorm, as_post_norm, te_norm_linear_keeping_norm
 from megatron.core.extensions import transformer_engine as te_ext
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -81,6 +81,43 @@ def test_te_full_qkv_norm_and_context_parallel_and_fp8_accepted(te_available):
     mh.get_decoder_block_spec(cfg, "hybridnorm", use_transformer_engine=True, qkv_norm="full")
     cfg = tiny_config(fp8="hybrid", fp8_recipe="tensorwise")
     mh.get_decoder_block_spec(cfg, "hybridnorm_star", use_transformer_engine=True)
+
+
+@pytest.mark.parametrize("scheme", ["hybridnorm", "hybridnorm_star", "postnorm", "mixln"])
+def test_te_ffn_norm_choices(te_available, scheme):
+    """The pre-MLP norm whose output is the residual: a TE norm, this package's fused add + norm,
+    or inside the FFN's first linear (which hands its norm output over), under the same
+    checkpoint name; every other slot as with the default."""
+    cfg = tiny_config()
+    default = mh.get_decoder_block_spec(cfg, scheme, use_transformer_engine=True)
+    for choice in ("te", "fused_add", "in_linear"):
+        block = mh.get_decoder_block_spec(cfg, scheme, use_transformer_engine=True,
+                                          te_ffn_norm=choice)
+        for got, base in zip(block.layer_specs, default.layer_specs):
+            g, b = te_slots(got), te_slots(base)
+            if b["pre_mlp"] is not TEPostNorm:  # a Pre-Norm layer: untouched
+                assert g == b and got.submodules.sharded_state_dict_keys_map == {}
+                continue
+            want_fc1 = {"te": b["fc"][0], "fused_add": b["fc"][0],
+                        "in_linear": te_norm_linear_keeping_norm()}[choice]
+            want_pre = {"te": TEPostNorm, "fused_add": PostNorm, "in_linear": IdentityOp}[choice]
+            assert (g["pre_mlp"], g["fc"][0]) == (want_pre, want_fc1)
+            assert {k: v for k, v in g.items() if k not in ("pre_mlp", "fc")} == \
+                {k: v for k, v in b.items() if k not in ("pre_mlp", "fc")}
+            assert got.submodules.sharded_state_dict_keys_map == (
+                {"mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm."} if choice == "in_linear"
+                else {})
+    if te_ext.HAVE_TE:  # (without TE, megatron-core's TE classes are mocks)
+        assert issubclass(te_norm_linear_keeping_norm(), te_ext.TELayerNormColumnParallelLinear)
+
+
+def test_te_ffn_norm_in_linear_refuses_moe(te_available):
+    cfg = tiny_config(num_moe_experts=4, moe_router_topk=2)
+    with pytest.raises(mh.SchemeConfigError, match='use te_ffn_norm="te" or "fused_add"'):
+        mh.get_decoder_block_spec(cfg, "hybridnorm", use_transformer_engine=True,
+                                  te_ffn_norm="in_linear")
+    mh.get_decoder_block_spec(cfg, "hybridnorm", use_transformer_engine=True,
+                              te_ffn_norm="fused_add")
 
 
 def test_fp8_on_the_local_backend_is_refused():

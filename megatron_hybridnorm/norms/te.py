@@ -37,3 +37,40 @@ def TEPostNorm(config, hidden_size: int, eps: float = 1e-5):
     from megatron.core.extensions.transformer_engine import TENorm
 
     return as_post_norm(TENorm(config=config, hidden_size=hidden_size, eps=eps))
+
+
+@functools.cache
+def te_norm_linear_keeping_norm() -> type:
+    """Megatron's ``TELayerNormColumnParallelLinear`` that also hands over its norm output, for
+    a norm whose output is the residual (HybridNorm's FFN, ``te_ffn_norm="in_linear"``).
+
+    TE's ``return_layernorm_output`` returns the normalized input beside the linear's output
+    (megatron-core's wrapper fixes it to False at construction; it is read at every forward).
+    The layer takes it as the FFN's residual (``take_norm_output``). TE 2.x then computes the
+    norm in high precision and casts it to FP8 separately, as a separate norm module would."""
+    from megatron.core.extensions.transformer_engine import TELayerNormColumnParallelLinear
+
+    class TENormLinearKeepingNorm(TELayerNormColumnParallelLinear):
+        keeps_norm_output = True
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.return_layernorm_output = True
+            self._norm_output = None
+
+        def forward(self, x):
+            result = super().forward(x)
+            if self.te_return_bias:  # TE: (out, bias, norm output)
+                out, bias, self._norm_output = result
+            else:  # TE: (out, norm output); megatron-core adds bias=None
+                (out, self._norm_output), bias = result
+            return out, bias
+
+        def take_norm_output(self):
+            n, self._norm_output = self._norm_output, None
+            if n is None:
+                raise RuntimeError("TENormLinearKeepingNorm: no norm output to take; the layer "
+                                   "must run this linear before its residual add")
+            return n
+
+    return TENormLinearKeepingNorm
