@@ -136,10 +136,12 @@ def detect_from_keys(shapes: dict[str, tuple]) -> Finding:
                    fraction if scheme == "mixln" else None, layers)
 
 
-def _model_shapes(model) -> dict[str, tuple]:
-    """Global checkpoint names and shapes of the layer parameters of a model on this rank."""
+def layer_checkpoint_params(model) -> dict:
+    """The decoder layers' parameters of a model on this rank (or a list of its pipeline chunks)
+    under their global checkpoint names: the layer's global index, and the names its
+    ``sharded_state_dict_keys_map`` gives them (a local and a TE model then agree)."""
     chunks = model if isinstance(model, (list, tuple)) else [model]
-    shapes = {}
+    params = {}
     for chunk in chunks:
         while not hasattr(chunk, "decoder") and hasattr(chunk, "module"):
             chunk = chunk.module  # DDP, Float16Module
@@ -150,8 +152,13 @@ def _model_shapes(model) -> dict[str, tuple]:
                 for old, new in keys_map.items():
                     if name.startswith(old):
                         name = new + name[len(old):]
-                shapes[prefix + name] = tuple(p.shape)
-    return shapes
+                params[prefix + name] = p
+    return params
+
+
+def _model_shapes(model) -> dict[str, tuple]:
+    """Global checkpoint names and shapes of the layer parameters of a model on this rank."""
+    return {name: tuple(p.shape) for name, p in layer_checkpoint_params(model).items()}
 
 
 def detect_scheme(model) -> Finding:
