@@ -229,11 +229,14 @@ def block_config(s, dtype, te: bool, cuda: bool, **extra):
 
 
 def time_block(s, cfg, scheme, device, timer, te: bool, **options) -> dict:
-    """Forward+backward seconds and peak memory of one block (freed on return)."""
+    """Forward+backward seconds and peak memory of one block."""
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from megatron.core.transformer.transformer_block import TransformerBlock
 
     import megatron_hybridnorm as mh
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the blocks measured before are gone
 
     with torch.device(device):
         spec = mh.get_decoder_block_spec(cfg, scheme, use_transformer_engine=te, **options)
@@ -258,11 +261,7 @@ def time_block(s, cfg, scheme, device, timer, te: bool, **options) -> dict:
         step()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
-    seconds = timer(step, rep_ms=1500)
-    del block, x, dy
-    if cuda:
-        torch.cuda.empty_cache()
-    return dict(seconds=seconds, peak_bytes=peak)
+    return dict(seconds=timer(step, rep_ms=1500), peak_bytes=peak)
 
 
 def ratios(results: dict, base: str) -> dict:
