@@ -124,3 +124,18 @@ def rel_err(a, b):
     """Relative error of ``a`` against ``b`` (in float64 on the CPU, wherever they live)."""
     a, b = a.detach().double().cpu(), b.detach().double().cpu()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def on_devices(argnames: str, cases, on_gpu=lambda *case: True):
+    """Parametrize ``device`` (the conftest fixture) and ``argnames`` over ``cases``: every case
+    on the CPU under Triton's interpreter, those ``on_gpu`` picks on CUDA too (marked gpu). The
+    exhaustive grids run on the CPU; a GPU's minutes go to a representative subset."""
+    import itertools
+
+    import pytest
+
+    cases = [c if isinstance(c, tuple) else (c,) for c in cases]
+    params = [pytest.param(dev, *c, marks=[pytest.mark.gpu] if dev == "cuda" else [])
+              for dev, c in itertools.chain((("cpu", c) for c in cases),
+                                            (("cuda", c) for c in cases if on_gpu(*c)))]
+    return pytest.mark.parametrize(f"device,{argnames}", params, indirect=["device"])

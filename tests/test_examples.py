@@ -2,18 +2,17 @@
 validated by megatron-core 0.19's own Megatron-LM argument parser, and the SLURM scripts start
 one correctly ranked torchrun per node."""
 
-import argparse
 import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
+sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def dry_run(script, *args, **env):
@@ -32,20 +31,12 @@ def pretrain_args(script, *args, **env):
 
 def validated(argv, world_size, monkeypatch):
     """Megatron-LM's parse_args + validate_args, on a pretend H100 (they query the device)."""
-    from megatron.training.arguments import add_megatron_arguments, validate_args
+    from gpu_check import validate_megatron_lm_args
 
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda *a: SimpleNamespace(major=9, minor=0, name="pretend H100"))
     # launch() exports this before torchrun, as Megatron-LM requires with TP
     assert "export CUDA_DEVICE_MAX_CONNECTIONS=1" in (EXAMPLES / "lib.sh").read_text()
     monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    parser = add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False))
-    args = parser.parse_args(argv)  # an unknown or malformed flag exits here
-    args.rank, args.world_size = 0, world_size
-    args._is_global_batch_size_explicitly_specified = True
-    validate_args(args, {})
-    return args
+    return validate_megatron_lm_args(argv, world_size)
 
 
 DENSE = [
