@@ -43,12 +43,19 @@ def test_pytest_report_parser(tmp_path):
         "def test_bad(): assert False\n"
         "@pytest.mark.skip(reason='x')\ndef test_skip(): pass\n"
         "def test_xfail(): pytest.xfail('known')\n")
-    xml = tmp_path / "r.xml"
-    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                    f"--junitxml={xml}", str(tmp_path / "t.py")], capture_output=True)
+    xml, log = tmp_path / "r.xml", tmp_path / "r.log"
+    out = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider",
+                          f"--junitxml={xml}", "t.py"], capture_output=True, text=True,
+                         cwd=tmp_path)
+    log.write_text(out.stdout)
     r = gpu_check.pytest_summary(xml)
     assert (r["passed"], r["failed"], r["skipped"], r["xfailed"]) == (1, 1, 1, 1)
     assert r["failures"] == ["t::test_bad"]
+    # a run cut at its time cap leaves no XML: the verbose log tells the same
+    xml.unlink()
+    r = gpu_check.pytest_summary(xml, log)
+    assert (r["passed"], r["failed"], r["skipped"], r["xfailed"]) == (1, 1, 1, 1)
+    assert r["failures"] == ["t.py::test_bad"]
 
 
 @pytest.mark.parametrize("name", sorted(gpu_check.RUNS))
