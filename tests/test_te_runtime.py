@@ -110,9 +110,8 @@ def assert_no_worse_than_local(te_run, local, scheme, what, moe=False):
 
 
 def test_helpers_copy_and_compare_on_the_cpu(megatron_single_rank):
-    """Local into local, BF16 models on the CPU: the copy covers every
-    parameter and gives the same logits and gradients; a model with other weights fails both
-    comparisons."""
+    """Local into local, BF16 models on the CPU: the copy covers every parameter and gives the
+    same logits and gradients; a model with other weights fails both comparisons."""
     a = build("hybridnorm_star", te=False, device="cpu")
     randomize_norms(a)
     b = build("hybridnorm_star", te=False, device="cpu")
