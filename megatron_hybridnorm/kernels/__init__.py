@@ -11,7 +11,8 @@ from __future__ import annotations
 from .dispatch import MODES, kernel_mode, kernel_path, use_triton
 
 MAX_HEAD_DIM = 256  # the per-head Q/K/V norm keeps a head in one tile row
-MAX_FULL_ROW = 2**14  # the full-width Q/K/V norm keeps a token's q (padded to powers of 2) in registers
+# the full-width Q/K/V norm keeps a token's q row (padded to powers of 2) in registers
+MAX_FULL_ROW = 2**14
 
 __all__ = ["MODES", "kernel_mode", "kernel_path", "use_triton", "MAX_HEAD_DIM", "MAX_FULL_ROW"]
 

@@ -92,7 +92,8 @@ class FullWidthNorm(NormBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., local heads, head_dim] -> one row of all local heads
-        record(self, "torch (statistics over all heads" + (", all-reduced over TP)" if self.tp_size > 1 else ")"))
+        record(self, "torch (statistics over all heads"
+               + (", all-reduced over TP)" if self.tp_size > 1 else ")"))
         shape = x.shape
         xf = x.reshape(*shape[:-2], shape[-2] * shape[-1]).float()
         group = parallel_state.get_tensor_model_parallel_group() if self.tp_size > 1 else None
