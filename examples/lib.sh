@@ -25,7 +25,8 @@ die() { echo "error: $*" >&2; exit 2; }
 # --spec: the scheme's entry point; the only flag that differs between a scheme and its baseline
 spec_args() {
   case "$1" in
-    prenorm|postnorm|prenorm_qknorm|mixln|hybridnorm|hybridnorm_star) ;;
+    prenorm|postnorm|postnorm_official|prenorm_qknorm|mixln|mixln_official|hybridnorm) ;;
+    hybridnorm_star) ;;
     *) die "unknown scheme '$1'" ;;
   esac
   ARGS+=(--spec megatron_hybridnorm.entrypoints "$1")

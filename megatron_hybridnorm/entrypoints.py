@@ -88,7 +88,8 @@ def check_load_matches(scheme: str, options: dict, path: str | None) -> None:
     want_qkv = options.get("qkv_norm", "head") if get_scheme(scheme).has_head_norms else None
     want_fraction = options.get("mixln_fraction", get_scheme(scheme).head_fraction)
     same = (found.scheme == scheme and found.qkv_norm == want_qkv
-            and (scheme != "mixln" or round(found.mixln_fraction * found.num_layers)
+            and (get_scheme(scheme).head_fraction is None
+                 or round(found.mixln_fraction * found.num_layers)
                  == int(want_fraction * found.num_layers)))
     if not same:
         raise SchemeMismatchError(
@@ -131,10 +132,12 @@ def _make(scheme: str):
 
 prenorm = _make("prenorm")
 postnorm = _make("postnorm")
+postnorm_official = _make("postnorm_official")
 prenorm_qknorm = _make("prenorm_qknorm")
 mixln = _make("mixln")
+mixln_official = _make("mixln_official")
 hybridnorm = _make("hybridnorm")
 hybridnorm_star = _make("hybridnorm_star")
 
-assert set(SCHEMES) == {f.__name__ for f in (prenorm, postnorm, prenorm_qknorm, mixln,
-                                             hybridnorm, hybridnorm_star)}
+assert set(SCHEMES) == {f.__name__ for f in (prenorm, postnorm, postnorm_official, prenorm_qknorm,
+                                             mixln, mixln_official, hybridnorm, hybridnorm_star)}

@@ -28,7 +28,8 @@ def layer_norm_keys(lay: LayerNorms, moe: bool) -> frozenset[str]:
     would fuse into the next linear under that linear's name, on either backend)."""
     keys = set()
     if lay.input:
-        keys.add("self_attention.linear_qkv.layer_norm_weight")
+        keys.add("input_layernorm.weight" if lay.input_is_residual
+                 else "self_attention.linear_qkv.layer_norm_weight")
     for n in "qkv":
         if getattr(lay, n):
             keys.add(f"self_attention.{n}_layernorm.weight")
@@ -132,8 +133,7 @@ def detect_from_keys(shapes: dict[str, tuple]) -> Finding:
     c = _collect(shapes)
     layers = [c.norms.get(i, frozenset()) for i in range(c.num_layers)]
     scheme, fraction = match(layers, [c.moe.get(i, False) for i in range(c.num_layers)])
-    return Finding(scheme, c.num_layers, c.qkv_norm if scheme else None,
-                   fraction if scheme == "mixln" else None, layers)
+    return Finding(scheme, c.num_layers, c.qkv_norm if scheme else None, fraction, layers)
 
 
 def layer_checkpoint_params(model) -> dict:

@@ -1,7 +1,11 @@
-"""The norm schemes, described once as data: which norm sits where in which layer.
+"""The norm schemes, described once as data: which norm sits where in which layer, and whose
+form each one is.
 
-Every spec builder reads these tables; nothing else in the package knows a scheme by name.
-The equations are those of the paper's official code (see the README's scheme table).
+Every spec builder reads these tables, and the README's scheme table is ``markdown_table()``;
+nothing else in the package knows a scheme by name. The forms: HybridNorm, HybridNorm*,
+Pre-Norm and Pre-Norm + QK-Norm are the paper's equations as its official code computes them;
+Post-Norm and Mix-LN come in the textbook form and in the official code's form, which differ
+at the ends of the stack (see ``Scheme.form``).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ class LayerNorms:
     """Where one transformer layer's norms sit.
 
     input:        N(x) feeds attention; the residual stays x            (``input_layernorm``)
+    input_is_residual: the attention residual is N(x) itself, not x (the official Post-Norm)
     q, k, v:      per-head norms after the QKV projection, before RoPE (``self_attention.*_layernorm``)
     pre_mlp:      N(y) feeds the FFN                                    (``pre_mlp_layernorm``)
     pre_mlp_is_residual: the FFN residual is N(y) itself, not y (Post-Norm; HybridNorm's FFN)
@@ -22,6 +27,7 @@ class LayerNorms:
     """
 
     input: bool = False
+    input_is_residual: bool = False
     q: bool = False
     k: bool = False
     v: bool = False
@@ -32,6 +38,8 @@ class LayerNorms:
     def __post_init__(self):
         if self.pre_mlp_is_residual and not self.pre_mlp:
             raise ValueError("pre_mlp_is_residual needs pre_mlp")
+        if self.input_is_residual and not self.input:
+            raise ValueError("input_is_residual needs input")
 
     @property
     def has_head_norms(self) -> bool:
@@ -40,6 +48,10 @@ class LayerNorms:
 
 PRE_NORM = LayerNorms(input=True, pre_mlp=True)
 POST_NORM = LayerNorms(pre_mlp=True, pre_mlp_is_residual=True, post_mlp=True)
+# the official code's Post-Norm: each sublayer normalizes its input and adds to that (x = N(x);
+# x = x + F(x)); layer 0's input norm is the embedding norm, the final norm the only one after
+POST_NORM_OFFICIAL = LayerNorms(input=True, input_is_residual=True, pre_mlp=True,
+                                pre_mlp_is_residual=True)
 PRE_NORM_QK = replace(PRE_NORM, q=True, k=True)
 HYBRID = LayerNorms(q=True, k=True, v=True, pre_mlp=True, pre_mlp_is_residual=True)
 HYBRID_FIRST = replace(PRE_NORM, q=True, k=True, v=True)
@@ -58,6 +70,9 @@ class Scheme:
     head_layers: int | None = 0
     head_fraction: float | None = None
     summary: str = ""
+    attention: str = ""  # the README table's equations
+    ffn: str = ""
+    form: str = ""  # whose form this is, and where it differs from the others
 
     @property
     def has_head_norms(self) -> bool:
@@ -76,12 +91,25 @@ class Scheme:
         return [self.head if i < n_head else self.body for i in range(num_layers)]
 
 
+_PAPER = "the paper's equations, in the official code's form"
+_MIX = "Post-Norm in the first floor(0.25 L) layers, Pre-Norm in the rest"
+
 SCHEME_TABLE: dict[str, Scheme] = {
     s.name: s
     for s in (
-        Scheme("prenorm", PRE_NORM, summary="y = x + Attn(N(x)); out = y + FFN(N(y))"),
-        Scheme("postnorm", POST_NORM, summary="y = N(x + Attn(x)); out = N(y + FFN(y))"),
-        Scheme("prenorm_qknorm", PRE_NORM_QK, summary="Pre-Norm with per-head Q and K norms"),
+        Scheme("prenorm", PRE_NORM, summary="y = x + Attn(N(x)); out = y + FFN(N(y))",
+               attention="y = x + Attn(N(x))", ffn="out = y + FFN(N(y))", form=_PAPER),
+        Scheme("postnorm", POST_NORM, summary="y = N(x + Attn(x)); out = N(y + FFN(y))",
+               attention="y = N(x + Attn(x))", ffn="out = N(y + FFN(y))",
+               form="textbook; unlike the official code: no embedding norm, and two norms in "
+                    "a row at the end (the last layer's, then the final norm)"),
+        Scheme("postnorm_official", POST_NORM_OFFICIAL,
+               summary="n = N(x); y = n + Attn(n); m = N(y); out = m + FFN(m)",
+               attention="n = N(x); y = n + Attn(n)", ffn="m = N(y); out = m + FFN(m)",
+               form="the official code's Post-Norm (x = N(x); x = x + F(x) per sublayer): the "
+                    "textbook's inside, with an embedding norm (layer 0's) and one final norm"),
+        Scheme("prenorm_qknorm", PRE_NORM_QK, summary="Pre-Norm with per-head Q and K norms",
+               attention="y = x + Attn(N(x)), q and k normed", ffn="as Pre-Norm", form=_PAPER),
         Scheme(
             "mixln",
             PRE_NORM,
@@ -89,11 +117,25 @@ SCHEME_TABLE: dict[str, Scheme] = {
             head_layers=None,
             head_fraction=0.25,
             summary="Post-Norm in the first floor(f L) layers (f = 0.25), Pre-Norm after",
+            attention=_MIX, form="textbook Post-Norm layers: the last hands a normalized "
+                                 "N(y + FFN(y)) to the first Pre-Norm layer",
+        ),
+        Scheme(
+            "mixln_official",
+            PRE_NORM,
+            head=POST_NORM_OFFICIAL,
+            head_layers=None,
+            head_fraction=0.25,
+            summary="official Post-Norm in the first floor(f L) layers (f = 0.25), Pre-Norm after",
+            attention=_MIX, form="the official code's: its Post-Norm layers, the last handing "
+                                 "an un-normalized m + FFN(m) to the first Pre-Norm layer",
         ),
         Scheme(
             "hybridnorm",
             HYBRID,
             summary="y = x + Attn(Nq, Nk, Nv); n = N(y); out = n + FFN(n)",
+            attention="y = x + Attn(Nq(xWq), Nk(xWk), Nv(xWv)), no input norm",
+            ffn="n = N(y); out = n + FFN(n)", form=_PAPER,
         ),
         Scheme(
             "hybridnorm_star",
@@ -101,6 +143,8 @@ SCHEME_TABLE: dict[str, Scheme] = {
             head=HYBRID_FIRST,
             head_layers=1,
             summary="HybridNorm; global layer 0 is Pre-Norm and keeps its Q/K/V norms",
+            attention="HybridNorm, but global layer 0 is Pre-Norm in both sublayers and keeps "
+                      "Nq, Nk, Nv", form=_PAPER,
         ),
     )
 }
@@ -115,3 +159,10 @@ def get_scheme(name: str) -> Scheme:
         raise ValueError(
             f"unknown norm scheme {name!r}; choose one of {', '.join(SCHEMES)}"
         ) from None
+
+
+def markdown_table() -> str:
+    """The README's scheme table, from this module's descriptions."""
+    rows = ["| scheme | attention sublayer | FFN sublayer | form |", "|---|---|---|---|"]
+    rows += [f"| `{s.name}` | {s.attention} | {s.ffn} | {s.form} |" for s in SCHEME_TABLE.values()]
+    return "\n".join(rows)

@@ -90,7 +90,7 @@ def get_layer_spec(
     b = backend(use_transformer_engine)
     p = b.provider
     q_norm, kv_norm = _head_norms(qkv_norm)
-    fuse_input = lay.input and b.fuses_norm_into_linear
+    fuse_input = lay.input and not lay.input_is_residual and b.fuses_norm_into_linear
     fuse_pre_mlp = (lay.pre_mlp and not lay.pre_mlp_is_residual and num_experts is None
                     and b.fuses_norm_into_linear)
     residual_norm = lay.pre_mlp_is_residual and b.fuses_norm_into_linear
@@ -123,7 +123,7 @@ def get_layer_spec(
     if not b.fuses_norm_into_linear:
         # Megatron stores local pre-norms under the names the TE fused linears give them, so
         # that local and TE checkpoints interchange; do the same where TE would fuse the norm.
-        if lay.input:
+        if lay.input and not lay.input_is_residual:
             keys_map["input_layernorm."] = "self_attention.linear_qkv.layer_norm_"
         if lay.pre_mlp and not lay.pre_mlp_is_residual and num_experts is None:
             keys_map["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
@@ -131,7 +131,8 @@ def get_layer_spec(
         module=HybridTransformerLayer,
         params={"norms": lay},
         submodules=HybridTransformerLayerSubmodules(
-            input_layernorm=b.norm if lay.input and not fuse_input else IdentityOp,
+            input_layernorm=(b.post_norm if lay.input_is_residual
+                             else b.norm if lay.input and not fuse_input else IdentityOp),
             self_attention=ModuleSpec(
                 module=QKVNormSelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
@@ -197,7 +198,7 @@ def get_decoder_block_spec(
     """The decoder block of this pipeline stage for ``scheme``: pass it to ``GPTModel`` as
     ``transformer_layer_spec``.
 
-    For schemes whose layers differ (hybridnorm_star, mixln) this sets
+    For schemes whose layers differ (hybridnorm_star, mixln, mixln_official) this sets
     ``config.hetereogenous_dist_checkpoint`` (see below); build the model with the same config.
 
     Options: ``qkv_norm`` ("head", the paper's per-head norms, or "full": over all heads, exact

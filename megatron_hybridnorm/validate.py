@@ -55,7 +55,7 @@ def check_config(
         raise SchemeConfigError(f"norm scheme {scheme.name!r}: {msg}")
 
     has_head_norms = any(lay.has_head_norms for lay in layouts)
-    norm_is_residual = any(lay.pre_mlp_is_residual for lay in layouts)
+    norm_is_residual = any(lay.pre_mlp_is_residual or lay.input_is_residual for lay in layouts)
 
     if config.normalization not in NORMALIZATIONS:
         fail(f"normalization={config.normalization!r}; set it to one of {NORMALIZATIONS}")
@@ -79,8 +79,8 @@ def check_config(
         and config.recompute_granularity == "selective"
         and "layernorm" in (config.recompute_modules or [])
     ):
-        fail('recompute_modules contains "layernorm", but this scheme\'s pre_mlp_layernorm output '
-             "is also the residual, which that recompute frees; remove \"layernorm\" from "
+        fail('recompute_modules contains "layernorm", but a norm of this scheme has an output '
+             "that is also the residual, which that recompute frees; remove \"layernorm\" from "
              "recompute_modules (--recompute-modules)")
     if config.memory_efficient_layer_norm:
         fail("memory_efficient_layer_norm is an Apex option these norms do not implement; unset it")
@@ -101,7 +101,8 @@ def check_config(
         fail(f"te_ffn_norm={te_ffn_norm!r} chooses among Transformer Engine modules; build the "
              "spec with use_transformer_engine=True, or leave te_ffn_norm unset (the local "
              "backend runs this package's add + norm)")
-    if te_ffn_norm == "in_linear" and config.num_moe_experts and norm_is_residual:
+    if te_ffn_norm == "in_linear" and config.num_moe_experts and any(
+            lay.pre_mlp_is_residual for lay in layouts):
         fail('te_ffn_norm="in_linear" puts the norm inside a dense FFN\'s first linear; MoE '
              'layers have none: use te_ffn_norm="te" or "fused_add"')
     if use_transformer_engine:

@@ -90,8 +90,9 @@ def ffn(x, p, pre):
 def block(scheme: str, i: int, x, p, cfg: RefConfig):
     pre = f"decoder.layers.{i}."
     N = lambda t, slot: norm(t, p, pre + slot + ".", cfg)  # noqa: E731
-    if scheme == "mixln":
-        scheme = "postnorm" if i < math.floor(cfg.mixln_fraction * cfg.layers) else "prenorm"
+    if scheme in ("mixln", "mixln_official"):
+        post = "postnorm" if scheme == "mixln" else "postnorm_official"
+        scheme = post if i < math.floor(cfg.mixln_fraction * cfg.layers) else "prenorm"
     if scheme == "hybridnorm_star":
         scheme = "hybridnorm_first" if i == 0 else "hybridnorm"
     if scheme == "prenorm":
@@ -103,6 +104,11 @@ def block(scheme: str, i: int, x, p, cfg: RefConfig):
     if scheme == "postnorm":
         y = N(x + attention(x, p, pre, cfg), "pre_mlp_layernorm")
         return N(y + ffn(y, p, pre), "post_mlp_layernorm")
+    if scheme == "postnorm_official":  # x = N(x); x = x + F(x), per sublayer
+        n = N(x, "input_layernorm")
+        y = n + attention(n, p, pre, cfg)
+        m = N(y, "pre_mlp_layernorm")
+        return m + ffn(m, p, pre)
     if scheme == "hybridnorm":
         y = x + attention(x, p, pre, cfg, qk_norm=True, v_norm=True)
         n = N(y, "pre_mlp_layernorm")

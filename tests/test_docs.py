@@ -20,3 +20,37 @@ def test_nothing_cites_a_file_outside_the_repository():
             continue
         hits += [f"{name}: {needle}" for needle in OUTSIDE if needle in text]
     assert not hits, hits
+
+
+def test_readme_scheme_table_is_the_scheme_descriptions():
+    from megatron_hybridnorm.schemes import SCHEME_TABLE, markdown_table
+
+    readme = (ROOT / "README.md").read_text()
+    assert markdown_table() in readme
+    for name in SCHEME_TABLE:  # every scheme has its row and its form
+        assert f"| `{name}` |" in readme and SCHEME_TABLE[name].form
+
+
+def test_readme_gptmodel_example_builds(megatron_single_rank):
+    """The README's Python example, at a smaller size (its config is the paper's 1.2B): the
+    model it builds is HybridNorm* with tied embeddings."""
+    import re
+
+    from megatron_hybridnorm.inspect import detect_scheme
+
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"## Using the specs in your own Megatron code\n\n```python\n(.*?)```",
+                     readme, re.S).group(1)
+    small = {"num_layers=16": "num_layers=2", "hidden_size=2048": "hidden_size=64",
+             "num_attention_heads=32": "num_attention_heads=4", "num_query_groups=8":
+             "num_query_groups=2", "ffn_hidden_size=8192": "ffn_hidden_size=128",
+             "vocab_size=100352": "vocab_size=128", "max_sequence_length=4096":
+             "max_sequence_length=16"}
+    for big, little in small.items():
+        assert big in code, big
+        code = code.replace(big, little)
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    model = namespace["model"]
+    assert model.share_embeddings_and_output_weights
+    assert detect_scheme(model).scheme == "hybridnorm_star"

@@ -98,6 +98,7 @@ def test_tp2_sp_x_dp2_distributed_optimizer_matches_one_rank(runs, i):
 # what sits in each global layer's norm slots, written out from the equations
 N, P, H, F, I = "Norm", "PostNorm", "HeadNorm", "FullWidthNorm", "IdentityOp"
 PRE, POST = (N, None, None, None, N, I), (I, None, None, None, P, N)
+POST_OFFICIAL = (P, None, None, None, P, I)
 HYB, HYB0 = (I, H, H, H, P, I), (N, H, H, H, N, I)
 
 
@@ -106,8 +107,10 @@ def expected_slots(case):
     return {
         "prenorm": [PRE] * n,
         "postnorm": [POST] * n,
+        "postnorm_official": [POST_OFFICIAL] * n,
         "prenorm_qknorm": [(N, H, H, None, N, I)] * n,
         "mixln": [POST] * (n // 4) + [PRE] * (n - n // 4),
+        "mixln_official": [POST_OFFICIAL] * (n // 4) + [PRE] * (n - n // 4),
         "hybridnorm": [HYB] * n,
         "hybridnorm_star": [HYB0] + [HYB] * (n - 1),
     }[case["scheme"]]

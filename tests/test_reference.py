@@ -1,10 +1,13 @@
 """Every scheme's GPTModel against the independent float64 reference: logits and every gradient."""
 
+import re
+
 import pytest
 import torch
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
 import megatron_hybridnorm as mh
-from helpers import batch, build_gpt, randomize_norms, rel_err, tiny_config
+from helpers import SEQ, batch, build_gpt, randomize_norms, rel_err, tiny_config
 import reference
 
 TOL = 1e-5
@@ -121,3 +124,45 @@ def test_negative_control_wrong_reference_scheme_is_caught(megatron_single_rank)
     randomize_norms(model)
     worst, _ = compare_to_reference(model, "hybridnorm_star", config, ref_scheme="hybridnorm")
     assert worst > 1e-2
+
+
+def test_official_post_norm_is_the_textbook_one_inside(megatron_single_rank):
+    """The docs' claim: chained, the official Post-Norm (x = N(x); x = x + F(x)) computes the
+    textbook N(x + F(x)) inside the stack. With the same weights (the textbook layer i's
+    post-FFN norm is the official layer i+1's input norm) and the textbook stack fed the
+    official one's normalized embeddings, every textbook layer's output equals the next official
+    layer's normalized input. The ends differ (the official embedding norm; the textbook
+    double norm at the end), which is why the two are separate schemes."""
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    official = TransformerBlock(cfg, mh.get_decoder_block_spec(cfg, "postnorm_official"))
+    textbook = TransformerBlock(cfg, mh.get_decoder_block_spec(cfg, "postnorm"))
+    with torch.no_grad():
+        for p in official.parameters():
+            p.normal_(1.0 if p.dim() == 1 else 0.0, 0.3 if p.dim() == 1 else 0.05)
+        src = dict(official.named_parameters())
+        for name, p in textbook.named_parameters():
+            m = re.match(r"layers\.(\d+)\.post_mlp_layernorm\.(.*)", name)
+            if m and int(m.group(1)) + 1 < cfg.num_layers:
+                name = f"layers.{int(m.group(1)) + 1}.input_layernorm.{m.group(2)}"
+            elif m:  # the textbook's extra last norm: no official counterpart
+                continue
+            p.copy_(src[name])
+    inputs, outputs = {}, {}
+    for i, layer in enumerate(official.layers):
+        layer.input_layernorm.register_forward_hook(
+            lambda mod, a, out, i=i: inputs.__setitem__(i, out[0].detach()))
+    for i, layer in enumerate(textbook.layers):
+        layer.register_forward_hook(
+            lambda mod, a, out, i=i: outputs.__setitem__(i, (out[0] if isinstance(out, tuple)
+                                                             else out).detach()))
+    x = torch.randn(SEQ, 2, cfg.hidden_size)
+    rope = RotaryEmbedding(kv_channels=cfg.kv_channels, rotary_percent=1.0,
+                           rotary_base=500000)(SEQ)
+    official(x, attention_mask=None, rotary_pos_emb=rope)
+    textbook(inputs[0], attention_mask=None, rotary_pos_emb=rope)
+    for i in range(cfg.num_layers - 1):
+        assert rel_err(outputs[i], inputs[i + 1]) < 1e-6, i
+    assert rel_err(inputs[0], x) > 0.1  # the official embedding norm is a real norm

@@ -15,11 +15,14 @@ POST = (I, None, None, None, P, N)
 PRE_QK = (N, H, H, None, N, I)
 HYB = (I, H, H, H, P, I)
 HYB_FIRST = (N, H, H, H, N, I)
+POST_OFFICIAL = (P, None, None, None, P, I)  # input and pre-MLP norms are also the residuals
 EXPECTED = {
     "prenorm": [PRE] * 4,
     "postnorm": [POST] * 4,
+    "postnorm_official": [POST_OFFICIAL] * 4,
     "prenorm_qknorm": [PRE_QK] * 4,
     "mixln": [POST, PRE, PRE, PRE],
+    "mixln_official": [POST_OFFICIAL, PRE, PRE, PRE],
     "hybridnorm": [HYB] * 4,
     "hybridnorm_star": [HYB_FIRST, HYB, HYB, HYB],
 }
@@ -33,8 +36,8 @@ def slots(layer_spec):
 
 
 def test_scheme_names():
-    assert mh.SCHEMES == ("prenorm", "postnorm", "prenorm_qknorm", "mixln", "hybridnorm",
-                          "hybridnorm_star")
+    assert mh.SCHEMES == ("prenorm", "postnorm", "postnorm_official", "prenorm_qknorm", "mixln",
+                          "mixln_official", "hybridnorm", "hybridnorm_star")
 
 
 @pytest.mark.parametrize("scheme", mh.SCHEMES)
@@ -181,6 +184,8 @@ ERRORS = [
      'remove "layernorm" from recompute_modules'),
     (dict(recompute_granularity="selective", recompute_modules=["layernorm"]), "postnorm", {},
      'remove "layernorm" from recompute_modules'),
+    (dict(recompute_granularity="selective", recompute_modules=["layernorm"]),
+     "postnorm_official", {}, 'remove "layernorm" from recompute_modules'),
     (dict(tensor_model_parallel_size=4, num_query_groups=2), "hybridnorm", {"qkv_norm": "full"},
      'qkv_norm="head"'),
     (dict(context_parallel_size=2), "hybridnorm", {}, "use_transformer_engine=True"),

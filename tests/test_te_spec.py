@@ -35,6 +35,12 @@ def te_slots(layer_spec):
 def expected_te(local_slots, moe: bool):
     """The TE layout implied by the local one: pre-norms fused into the next linear."""
     inp, q, k, v, pre, post = local_slots
+    if inp is PostNorm:  # its output is also the residual: not fused into the QKV linear
+        inp_te, qkv = TEPostNorm, te_ext.TEColumnParallelLinear
+    else:
+        inp_te = IdentityOp
+        qkv = (te_ext.TELayerNormColumnParallelLinear if inp is Norm
+               else te_ext.TEColumnParallelLinear)
     if pre is PostNorm:
         pre_te = TEPostNorm
     elif pre is Norm:
@@ -44,8 +50,8 @@ def expected_te(local_slots, moe: bool):
     fc1 = te_ext.TELayerNormColumnParallelLinear if (pre is Norm and not moe) \
         else te_ext.TEColumnParallelLinear
     return dict(
-        input=IdentityOp,
-        qkv=te_ext.TELayerNormColumnParallelLinear if inp is Norm else te_ext.TEColumnParallelLinear,
+        input=inp_te,
+        qkv=qkv,
         core=te_ext.TEDotProductAttention, proj=te_ext.TERowParallelLinear,
         q=q, k=k, v=v, pre_mlp=pre_te,
         fc=("moe",) if moe else (fc1, te_ext.TERowParallelLinear),

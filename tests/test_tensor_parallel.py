@@ -24,6 +24,8 @@ CASES = [
     # Pre-Norm baselines under SP: residual-stream norms only
     dict(scheme="prenorm", sp=True),
     dict(scheme="postnorm", sp=True),
+    dict(scheme="postnorm_official", sp=True),
+    dict(scheme="mixln_official", sp=True),
     # negative control: a V norm without TP handling must be caught
     dict(scheme="hybridnorm", qkv_norm="head", sp=False, break_v_norm_sync=True),
 ]

@@ -259,3 +259,19 @@ def test_micro_batches_do_not_change_the_reported_loss(tmp_path):
     for a, b in zip(train_losses(tmp_path / "m1", "hybridnorm"),
                     train_losses(tmp_path / "m2", "hybridnorm")):
         assert abs(a - b) <= 1e-5 * abs(a)
+
+
+def test_help_shows_every_default():
+    """Every option either shows its default or (default None/off) says what it does."""
+    from megatron_hybridnorm.train.cli import parser
+
+    p = parser()
+    text = p.format_help()
+    assert "default: None" not in text
+    for action in p._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        assert action.help, action.option_strings
+        if action.default not in (None, False):
+            assert f"default: {action.default}" in p._get_formatter()._expand_help(action), \
+                action.option_strings

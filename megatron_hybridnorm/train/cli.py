@@ -18,12 +18,18 @@ DEFAULT_SCHEMES = "prenorm,postnorm,hybridnorm,hybridnorm_star"
 RESUMABLE_KEEP = ("name", "runs_dir", "resume", "verbose")
 
 
+def show_defaults(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Every option's help shows its default, also where it has no help text (argparse prints
+    nothing for those); an option whose default is None or off says in its help what it means."""
+    for action in p._actions:
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            action.help = (f"{action.help} (default: %(default)s)" if action.help
+                           else "default: %(default)s")
+    return p
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="hybridnorm-train",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = argparse.ArgumentParser(prog="hybridnorm-train", description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("schemes")
     g.add_argument("--schemes", default=DEFAULT_SCHEMES, help="comma-separated scheme names")
     g.add_argument("--qkv-norm", default="head", choices=["head", "full"],
@@ -38,7 +44,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--ffn-hidden", type=int, default=None, help="SwiGLU width (default ~8/3 d)")
     g.add_argument("--seq-len", type=int, default=128)
     g.add_argument("--rope-base", type=float, default=500000.0)
-    g.add_argument("--untie-embeddings", action="store_true")
+    g.add_argument("--untie-embeddings", action="store_true",
+                   help="separate input and output embeddings (tied by default, as in the paper)")
     g.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
                    help="default: bf16 on a GPU, fp32 on a CPU")
     g = p.add_argument_group("training")
@@ -75,7 +82,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--save-interval", type=int, default=0,
                    help="also checkpoint every N steps (0: at the end and on Ctrl-C)")
     g.add_argument("--verbose", action="store_true", help="show megatron-core's warnings")
-    return p
+    return show_defaults(p)
 
 
 class ArgError(ValueError):

@@ -86,13 +86,14 @@ def summarize(folder: Path, schemes: list[str], outcomes: dict) -> dict:
 
 
 def table(summary: dict) -> str:
-    head = f"{'scheme':<16} {'final val':>10} {'best val':>10} {'diverged':>10} {'tokens/s':>10}"
+    w = max([16, *(len(s) + 1 for s in summary)])
+    head = f"{'scheme':<{w}} {'final val':>10} {'best val':>10} {'diverged':>10} {'tokens/s':>10}"
     lines = [head, "-" * len(head)]
     fmt = lambda v: f"{v:.4f}" if v is not None else "-"  # noqa: E731
     for s, r in summary.items():
         div = f"step {r['diverged_step']}" if r["diverged"] else "no"
         tps = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-"
-        lines.append(f"{s:<16} {fmt(r['final_val_loss']):>10} {fmt(r['best_val_loss']):>10} "
+        lines.append(f"{s:<{w}} {fmt(r['final_val_loss']):>10} {fmt(r['best_val_loss']):>10} "
                      f"{div:>10} {tps:>10}")
     return "\n".join(lines)
 
