@@ -24,7 +24,7 @@ from .attention import QKVNormSelfAttention, QKVNormSelfAttentionSubmodules
 from .core_attention import SDPAttention
 from .layer import HybridTransformerLayer, HybridTransformerLayerSubmodules
 from .norms import FullWidthNorm, HeadNorm, Norm, PostNorm
-from .norms.te import TEPostNorm, te_norm_linear_keeping_norm
+from .norms.te import InterchangeableTENorm, TEPostNorm, te_norm_linear_keeping_norm
 from .schemes import LayerNorms, get_scheme
 from .validate import SchemeConfigError, check_config, check_options
 
@@ -56,10 +56,11 @@ def backend(use_transformer_engine: bool) -> Backend:
             "pip install 'megatron-hybridnorm[te]', or build with use_transformer_engine=False "
             "(in Megatron-LM: --transformer-impl local)"
         )
-    from megatron.core.extensions.transformer_engine import TEDotProductAttention, TENorm
+    from megatron.core.extensions.transformer_engine import TEDotProductAttention
     from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
 
-    return Backend(TESpecProvider(), TENorm, TEPostNorm, TEDotProductAttention, True)
+    return Backend(TESpecProvider(), InterchangeableTENorm, TEPostNorm, TEDotProductAttention,
+                   True)
 
 
 def get_layer_spec(

@@ -85,3 +85,70 @@ def test_layers_refuse_a_checkpoint_whose_norms_differ_even_with_equal_names(
     state = dist_checkpointing.load(model.sharded_state_dict(), str(path))
     with pytest.raises(SchemeMismatchError, match="layer 2 of the checkpoint"):
         model.load_state_dict(state)
+
+
+def _with_te_like_extra_state(model, fixed: bool):
+    """Give the model's residual-stream norms (TE's on the TE backend) an ``_extra_state`` the
+    way TE 2.x's standalone norms keep one; ``fixed``: as the TE backend builds them
+    (``norms.te.interchangeable``)."""
+    from megatron_hybridnorm.norms import Norm
+    from megatron_hybridnorm.norms.te import interchangeable
+
+    def with_extra_state(cls):
+        class TELikeNorm(cls):
+            def get_extra_state(self):
+                return torch.tensor([7.0])
+
+            def set_extra_state(self, state):
+                self.loaded_extra_state = state
+
+        return TELikeNorm
+
+    for m in model.modules():
+        if isinstance(m, Norm):
+            m.__class__ = with_extra_state(type(m))
+            if fixed:
+                interchangeable(m)
+    return model
+
+
+def _loss(model):
+    from helpers import batch
+
+    tokens, labels, pos = batch()
+    with torch.no_grad():
+        return model(tokens, pos, None, labels=labels).mean().item()
+
+
+@pytest.mark.parametrize("scheme", ["hybridnorm", "postnorm", "prenorm"])
+def test_local_and_te_style_norm_checkpoints_interchange(megatron_single_rank, tmp_path, scheme):
+    """A norm that keeps extra state as TE's do made local checkpoints fail to load into the
+    TE build (missing ``_extra_state``); the TE backend's norms leave it out of checkpoints and
+    do not ask for it: local -> TE and TE -> local both load, with the same loss."""
+    from megatron.core import dist_checkpointing
+
+    def load(model, path):
+        state = dist_checkpointing.load(model.sharded_state_dict(), str(path))
+        model.load_state_dict(state)
+        return model
+
+    torch.manual_seed(0)
+    local = build_gpt(tiny_config(), scheme)
+    randomize_norms(local, seed=3)
+    for folder in ("local", "te"):
+        (tmp_path / folder).mkdir()
+    dist_checkpointing.save(local.sharded_state_dict(), str(tmp_path / "local"))
+
+    from torch.distributed.checkpoint.api import CheckpointException  # (a BaseException)
+
+    broken = _with_te_like_extra_state(build_gpt(tiny_config(), scheme), fixed=False)
+    with pytest.raises(CheckpointException, match="layernorm._extra_state"):  # as TE's norms had
+        load(broken, tmp_path / "local")
+
+    te_like = load(_with_te_like_extra_state(build_gpt(tiny_config(), scheme), fixed=True),
+                   tmp_path / "local")
+    assert _loss(te_like) == _loss(local)
+    assert not [k for k in te_like.sharded_state_dict() if k.endswith("layernorm._extra_state")]
+    dist_checkpointing.save(te_like.sharded_state_dict(), str(tmp_path / "te"))
+    back = build_gpt(tiny_config(), scheme)
+    assert _loss(load(back, tmp_path / "te")) == _loss(local)

@@ -7,7 +7,12 @@ import torch
 import megatron_hybridnorm as mh
 from megatron_hybridnorm import specs
 from megatron_hybridnorm.norms import Norm, PostNorm
-from megatron_hybridnorm.norms.te import TEPostNorm, as_post_norm, te_norm_linear_keeping_norm
+from megatron_hybridnorm.norms.te import (
+    InterchangeableTENorm,
+    TEPostNorm,
+    as_post_norm,
+    te_norm_linear_keeping_norm,
+)
 from megatron.core.extensions import transformer_engine as te_ext
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -44,7 +49,7 @@ def expected_te(local_slots, moe: bool):
     if pre is PostNorm:
         pre_te = TEPostNorm
     elif pre is Norm:
-        pre_te = te_ext.TENorm if moe else IdentityOp
+        pre_te = InterchangeableTENorm if moe else IdentityOp
     else:
         pre_te = IdentityOp
     fc1 = te_ext.TELayerNormColumnParallelLinear if (pre is Norm and not moe) \
@@ -55,7 +60,7 @@ def expected_te(local_slots, moe: bool):
         core=te_ext.TEDotProductAttention, proj=te_ext.TERowParallelLinear,
         q=q, k=k, v=v, pre_mlp=pre_te,
         fc=("moe",) if moe else (fc1, te_ext.TERowParallelLinear),
-        post_mlp=te_ext.TENorm if post is Norm else IdentityOp,
+        post_mlp=InterchangeableTENorm if post is Norm else IdentityOp,
     )
 
 
@@ -64,7 +69,7 @@ def expected_te(local_slots, moe: bool):
 def test_te_spec_places_every_module(te_available, scheme, moe):
     cfg = tiny_config(num_moe_experts=4 if moe else None, moe_router_topk=2 if moe else 2)
     block = mh.get_decoder_block_spec(cfg, scheme, use_transformer_engine=True)
-    assert block.layer_norm is te_ext.TENorm
+    assert block.layer_norm is InterchangeableTENorm
     for got, local in zip(block.layer_specs, EXPECTED[scheme]):
         assert te_slots(got) == expected_te(local, moe)
         assert got.submodules.sharded_state_dict_keys_map == {}  # TE names already

@@ -3,6 +3,11 @@
 The per-head Q/K/V norms stay ours on the TE backend too: TE's RMSNorm backward is slow for
 rows of width head_dim (its weight-gradient finalize alone cost 3.6 ms per step on the paper's
 1.2B block on an H200 with TE 2.20.2, measured 2026-11-27).
+
+TE 2.x's standalone norms keep an ``_extra_state`` entry (quantization metadata a standalone,
+high-precision norm does not use) that the local norms do not have, so a checkpoint of one
+backend lacked keys the other asked for. The TE norms here leave it out of dist checkpoints and
+do not ask for it when loading: local and TE checkpoints interchange, in both directions.
 """
 
 from __future__ import annotations
@@ -25,6 +30,52 @@ def _returning_residual(cls: type) -> type:
     return PostNormOf
 
 
+@functools.cache
+def _without_checkpointed_extra_state(cls: type) -> type:
+    """A subclass of a norm class that keeps its ``_extra_state`` out of dist checkpoints and
+    loads without one."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.utils import (
+        ensure_metadata_has_dp_cp_group,
+        make_sharded_tensors_for_checkpoint,
+    )
+
+    class InterchangeableNorm(cls):
+        def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+            metadata = ensure_metadata_has_dp_cp_group(metadata)
+            state = {k: v for k, v in self.state_dict(prefix="", keep_vars=True).items()
+                     if not k.endswith("_extra_state")}
+            return make_sharded_tensors_for_checkpoint(
+                state, prefix, {}, sharded_offsets,
+                tp_group=parallel_state.get_tensor_model_parallel_group(),
+                dp_cp_group=metadata["dp_cp_group"])
+
+        def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                  unexpected_keys, error_msgs):
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                          missing_keys, unexpected_keys, error_msgs)
+            if prefix + "_extra_state" in missing_keys:
+                missing_keys.remove(prefix + "_extra_state")
+
+    InterchangeableNorm.__name__ = InterchangeableNorm.__qualname__ = cls.__name__
+    return InterchangeableNorm
+
+
+def interchangeable(norm):
+    """Let a norm module's dist checkpoints interchange with the local norms' (see above),
+    keeping its parameters, their names and its kernel."""
+    norm.__class__ = _without_checkpointed_extra_state(type(norm))
+    return norm
+
+
+def InterchangeableTENorm(config, hidden_size: int, eps: float = 1e-5):
+    """Megatron's ``TENorm`` (TE's fused RMSNorm/LayerNorm), its checkpoints interchangeable
+    with the local backend's."""
+    from megatron.core.extensions.transformer_engine import TENorm
+
+    return interchangeable(TENorm(config=config, hidden_size=hidden_size, eps=eps))
+
+
 def as_post_norm(norm):
     """Turn a norm module into one whose output is also the residual, keeping its parameters,
     their names and its kernel."""
@@ -33,10 +84,8 @@ def as_post_norm(norm):
 
 
 def TEPostNorm(config, hidden_size: int, eps: float = 1e-5):
-    """Megatron's ``TENorm`` (TE's fused RMSNorm/LayerNorm), returning ``(n, n)``."""
-    from megatron.core.extensions.transformer_engine import TENorm
-
-    return as_post_norm(TENorm(config=config, hidden_size=hidden_size, eps=eps))
+    """``InterchangeableTENorm``, returning ``(n, n)``."""
+    return as_post_norm(InterchangeableTENorm(config, hidden_size, eps))
 
 
 @functools.cache
