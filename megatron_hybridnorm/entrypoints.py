@@ -106,8 +106,21 @@ def _rank0() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
+def check_megatron_lm_config(scheme: str, config) -> None:
+    """What Megatron-LM would get wrong silently around a --spec, refused before it builds."""
+    from .validate import SchemeConfigError
+
+    if getattr(config, "mtp_num_layers", None):
+        raise SchemeConfigError(
+            f"norm scheme {scheme!r}: Megatron-LM 0.19 builds multi-token-prediction layers from "
+            "its default Pre-Norm spec, not from --spec, so they would not be this scheme's; "
+            "unset --mtp-num-layers (in your own code, pass GPTModel an mtp_block_spec built "
+            "from megatron_hybridnorm.get_layer_spec)")
+
+
 def _make(scheme: str):
     def build(config, vp_stage: int | None = None):
+        check_megatron_lm_config(scheme, config)
         use_te = getattr(config, "transformer_impl", "transformer_engine") == "transformer_engine"
         options, notes = options_from_env(scheme)
         check_load_matches(scheme, options, _megatron_lm_load_path())

@@ -80,6 +80,9 @@ class HybridTransformerLayer(TransformerLayer):
             and not self.recompute_pre_mlp_layernorm
             and isinstance(self.cross_attention, IdentityOp)
             and not self.config.inference_fuse_tp_communication  # that adds inside the linears
+            # per-layer CUDA graphs may capture attention and MLP apart: the attention's
+            # residual add must then not wait for the MLP's norm across a graph boundary
+            and self.config.cuda_graph_impl in ("none", "full_iteration")
         )
 
     def _hand_over_bda(self, training: bool, fused: bool):

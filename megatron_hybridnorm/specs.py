@@ -72,6 +72,7 @@ def get_layer_spec(
     moe_grouped_gemm: bool = False,
     use_transformer_engine: bool = False,
     te_ffn_norm: str = "te",
+    use_te_activation_func: bool = False,
 ) -> ModuleSpec:
     """One layer's spec. ``scheme`` is a scheme name or a ``LayerNorms`` layout.
 
@@ -81,7 +82,8 @@ def get_layer_spec(
     the residual is, by ``te_ffn_norm``: "te", a separate TE norm; "fused_add", this package's
     norm with the residual add fused in (Triton); "in_linear", inside the FFN's first linear,
     which hands its norm output over as the residual (dense FFNs only). Checkpoints name it
-    ``pre_mlp_layernorm`` in all three.
+    ``pre_mlp_layernorm`` in all three. ``use_te_activation_func``: TE's activation module in
+    the FFN, as Megatron's own specs do with ``config.use_te_activation_func``.
     """
     if isinstance(scheme, LayerNorms):
         lay = scheme
@@ -106,11 +108,14 @@ def get_layer_spec(
             fc1 = te_norm_linear_keeping_norm()
         mlp = partial(
             MLP.as_mlp_submodule,
-            submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=p.row_parallel_linear()),
+            submodules=MLPSubmodules(
+                linear_fc1=fc1, linear_fc2=p.row_parallel_linear(),
+                activation_func=p.activation_func() if use_te_activation_func else None),
         )
     else:  # the router and the experts see the pre-MLP norm's output
         mlp = get_moe_module_spec_for_backend(
-            backend=p, num_experts=num_experts, moe_grouped_gemm=moe_grouped_gemm
+            backend=p, num_experts=num_experts, moe_grouped_gemm=moe_grouped_gemm,
+            use_te_activation_func=use_te_activation_func,
         )
     if not lay.pre_mlp or fuse_pre_mlp or norm_in_linear:
         pre_mlp = IdentityOp
@@ -229,6 +234,7 @@ def get_decoder_block_spec(
                 moe_grouped_gemm=config.moe_grouped_gemm,
                 use_transformer_engine=use_transformer_engine,
                 te_ffn_norm=opts.get("te_ffn_norm", "te"),
+                use_te_activation_func=config.use_te_activation_func,
             )
         return specs[key]
 

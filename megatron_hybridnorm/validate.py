@@ -105,8 +105,18 @@ def check_config(
             lay.pre_mlp_is_residual for lay in layouts):
         fail('te_ffn_norm="in_linear" puts the norm inside a dense FFN\'s first linear; MoE '
              'layers have none: use te_ffn_norm="te" or "fused_add"')
+    moe_layers_with_our_norms = config.num_moe_experts and any(
+        lay.pre_mlp_is_residual or lay.post_mlp or lay.input_is_residual for lay in layouts)
+    if getattr(config, "overlap_moe_expert_parallel_comm", False) and moe_layers_with_our_norms:
+        fail("overlap_moe_expert_parallel_comm runs MoE layers through megatron-core's "
+             "fine-grained callables, which call the pre-MLP norm and the residual adds "
+             "directly and so skip this scheme's norms after the adds; unset it "
+             "(--overlap-moe-expert-parallel-comm)")
     if use_transformer_engine:
         return
+    if config.use_te_activation_func:
+        fail("use_te_activation_func uses Transformer Engine's activation module; build the "
+             "spec with use_transformer_engine=True, or unset it")
     if config.fp8 or config.fp4:
         fail("FP8/FP4 run through Transformer Engine's linears; build the spec with "
              "use_transformer_engine=True")
