@@ -98,8 +98,10 @@ def train_case(case: dict, steps: int = 3) -> dict:
     config = case_config(case)
     chunks = build_chunks(config, case)
     distopt = case.get("distributed_optimizer", False)
+    ddp_options = case.get("ddp", {})  # e.g. overlap_grad_reduce, overlap_param_gather, bucket_size
     ddps = [DistributedDataParallel(config, DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=distopt), m) for m in chunks]
+        grad_reduce_in_fp32=True, use_distributed_optimizer=distopt, **ddp_options), m)
+        for m in chunks]
     opt = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=3e-3, weight_decay=0.1, clip_grad=1.0,
                         use_distributed_optimizer=distopt), ddps)
@@ -108,6 +110,10 @@ def train_case(case: dict, steps: int = 3) -> dict:
     fwd_bwd = get_forward_backward_func()
     micro = 2
     tokens, labels, _ = batch(b=micro * case.get("microbatches", 1))
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    torch.manual_seed(1234)  # every case starts from the same random state: the same dropout
+    model_parallel_cuda_manual_seed(1234)
     if case.get("replicate_batch"):
         # every DP rank sees the whole batch: needed where a loss depends on how tokens are
         # grouped on a rank (MoE load balancing), to compare with one rank exactly
@@ -131,6 +137,9 @@ def train_case(case: dict, steps: int = 3) -> dict:
                 grads.update({global_name(m, n, p): gather_full(p, p.main_grad)
                               for n, p in m.named_parameters()})
         opt.step()
+    if ddp_options.get("overlap_param_gather"):  # the last step's parameters, gathered now
+        for d in ddps:
+            d.start_param_sync(force_sync=True)
 
     tp_same = dp_same = True
     for m in chunks:

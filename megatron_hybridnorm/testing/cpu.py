@@ -3,8 +3,10 @@
 megatron-core assumes CUDA in a handful of places: buffers allocated on
 ``torch.cuda.current_device()``, the CUDA RNG tracker, ``torch.cuda.current_stream()`` in DDP,
 ``torch.cuda.synchronize()``, ``device="cuda"`` literals in the optimizer, schedules and
-buffers, ``tensor.type() == "torch.cuda.FloatTensor"`` checks in the optimizers, and MoE split
-sizes that become numpy arrays only when copied off a GPU. On a machine without a GPU,
+buffers, ``tensor.type() == "torch.cuda.FloatTensor"`` checks in the optimizers, MoE split
+sizes that become numpy arrays only when copied off a GPU, and the norm recompute's
+``CheckpointWithoutOutput``, which takes FP8 as on whenever its ``fp8`` argument is not None
+(False included) and then calls Transformer Engine. On a machine without a GPU,
 ``use_cpu()`` points each of these at the CPU (process-wide). It does nothing where CUDA is
 available. It is for tests and CPU demos, not for production runs.
 """
@@ -139,5 +141,12 @@ def use_cpu() -> bool:
 
     moe_utils.maybe_move_tensor_to_cpu = _to_cpu
     token_dispatcher.maybe_move_tensor_to_cpu = _to_cpu
+    original_init = mrandom.CheckpointWithoutOutput.__init__
+
+    def checkpoint_without_output_init(self, fp8=False):
+        original_init(self, fp8)
+        self.fp8 = bool(fp8)  # megatron-core: `fp8 is not None`, so False meant FP8
+
+    mrandom.CheckpointWithoutOutput.__init__ = checkpoint_without_output_init
     _PATCHED = True
     return True
