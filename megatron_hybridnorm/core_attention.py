@@ -71,10 +71,14 @@ class SDPAttention(MegatronModule):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
 
         mask = None
-        if attention_mask is not None:
-            mask = ~attention_mask.to(torch.bool)
-            if causal:
-                mask = mask & torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+        if attention_mask is not None or (causal and sq != sk):
+            # SDPA's is_causal aligns a shorter query block to the top-left; Megatron's queries
+            # are the last sq of the sk positions (bottom-right)
+            mask = (torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+                    if causal else None)
+            if attention_mask is not None:
+                allowed = ~attention_mask.to(torch.bool)
+                mask = allowed if mask is None else allowed & mask
             causal = False
 
         dropout = self.dropout if self.training else 0.0

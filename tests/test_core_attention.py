@@ -70,3 +70,13 @@ def test_packed_sequences_are_refused_clearly():
     att = SDPAttention(tiny_config(), 1, AttnMaskType.causal, "self")
     with pytest.raises(NotImplementedError, match="use_transformer_engine=True"):
         att(*qkv(), None, packed_seq_params=object())
+
+
+def test_causal_queries_shorter_than_keys_are_the_last_positions():
+    """3 queries over 7 keys (a chunk after cached ones): query i is position 4 + i, so it sees
+    keys 0 .. 4 + i (SDPA's own is_causal would align the queries to the first keys)."""
+    att = SDPAttention(tiny_config(), 1, AttnMaskType.causal, "self")
+    q, _, _ = qkv(sq=3, seed=1)
+    _, k, v = qkv()
+    allowed = torch.ones(3, 7, dtype=torch.bool).tril(4)[None, None]
+    assert rel_err(att(q, k, v, None), naive(q, k, v, allowed)) < 1e-6
