@@ -60,14 +60,30 @@ def options_from_env(scheme: str, environ=os.environ) -> tuple[dict, list[str]]:
     return options, notes
 
 
-def _megatron_lm_load_path() -> str | None:
-    """Megatron-LM's --load, when the entry point runs inside Megatron-LM."""
+def _megatron_lm_args():
+    """Megatron-LM's parsed arguments, when the entry point runs inside Megatron-LM."""
     try:
         from megatron.training.global_vars import get_args
 
-        return getattr(get_args(), "load", None)
+        return get_args()
     except (ImportError, AssertionError):  # not in Megatron-LM, or its args are not set
         return None
+
+
+def _megatron_lm_load_path() -> str | None:
+    """Megatron-LM's --load, when the entry point runs inside Megatron-LM."""
+    return getattr(_megatron_lm_args(), "load", None)
+
+
+def untested_notes(scheme: str, config, args) -> list[str]:
+    """Switches this package has not run with, said at start-up."""
+    fsdp = [flag for flag in ("use_megatron_fsdp", "use_torch_fsdp2") if getattr(args, flag, False)]
+    if fsdp and get_scheme(scheme).has_head_norms and config.tensor_model_parallel_size > 1:
+        return [f"--{fsdp[0].replace('_', '-')} with tensor parallelism is untested with this "
+                "scheme's per-head norms (their TP gradient sum relies on megatron-core's "
+                "finalize_model_grads, which handles it for FSDP too; megatron-core 0.19.2's "
+                "FSDP did not run on this project's CPU test machines)"]
+    return []
 
 
 def check_load_matches(scheme: str, options: dict, path: str | None) -> None:
@@ -124,6 +140,7 @@ def _make(scheme: str):
         use_te = getattr(config, "transformer_impl", "transformer_engine") == "transformer_engine"
         options, notes = options_from_env(scheme)
         check_load_matches(scheme, options, _megatron_lm_load_path())
+        notes = notes + untested_notes(scheme, config, _megatron_lm_args())
         spec = get_decoder_block_spec(
             config, scheme, use_transformer_engine=use_te, vp_stage=vp_stage, **options
         )

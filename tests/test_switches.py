@@ -78,3 +78,15 @@ def test_te_activation_func_is_honoured_on_te_and_refused_on_local(monkeypatch):
         assert submodules.activation_func is TESpecProvider().activation_func()
     off = mh.get_decoder_block_spec(tiny_config(), "hybridnorm", use_transformer_engine=True)
     assert off.layer_specs[0].submodules.mlp.keywords["submodules"].activation_func is None
+
+
+def test_fsdp_with_tensor_parallel_head_norms_is_said_to_be_untested():
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(use_megatron_fsdp=True, use_torch_fsdp2=False)
+    tp2 = tiny_config(tensor_model_parallel_size=2)
+    [note] = entrypoints.untested_notes("hybridnorm", tp2, args)
+    assert note.startswith("--use-megatron-fsdp with tensor parallelism is untested")
+    assert entrypoints.untested_notes("prenorm", tp2, args) == []  # no per-head norms
+    assert entrypoints.untested_notes("hybridnorm", tiny_config(), args) == []  # TP = 1
+    assert entrypoints.untested_notes("hybridnorm", tp2, None) == []  # not in Megatron-LM
