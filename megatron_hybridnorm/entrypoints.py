@@ -82,7 +82,7 @@ def untested_notes(scheme: str, config, args) -> list[str]:
         return [f"--{fsdp[0].replace('_', '-')} with tensor parallelism is untested with this "
                 "scheme's per-head norms (their TP gradient sum relies on megatron-core's "
                 "finalize_model_grads, which handles it for FSDP too; megatron-core 0.19.2's "
-                "FSDP did not run on this project's CPU test machines)"]
+                "FSDP paths need CUDA and did not run on this project's CPU test machines)"]
     return []
 
 
