@@ -1,162 +1,20 @@
-"""What each rank runs in the multi-process tests (module-level, so spawned ranks can import it)."""
+"""What each rank runs in the multi-process tests (module-level, so spawned ranks can import it):
+the check command's training (``megatron_hybridnorm.check.training``, one implementation) and a
+few test-only functions."""
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 
-from helpers import batch, build_gpt, gather_full, randomize_norms, tiny_config
-from megatron_hybridnorm.layout_init import global_name, layout_invariant_init
-
-
-def _break_v_norm_sync(model):
-    """The naive V norm: no TP handling, as a plain module added to Megatron would be."""
-    for name, module in model.named_modules():
-        if name.endswith("v_layernorm"):
-            module.tp_size = 1
-            for p in module.parameters():
-                del p.average_gradients_across_tp_domain
-
-
-def _identical(tensor, group) -> bool:
-    copies = [torch.empty_like(tensor) for _ in range(group.size())]
-    torch.distributed.all_gather(copies, tensor.contiguous(), group=group)
-    return all(torch.equal(c, copies[0]) for c in copies)
-
-
-def layer_slots(layer) -> tuple:
-    """What actually sits in a built layer's norm slots (class names; None where absent)."""
-    att = layer.self_attention
-    name = lambda m: None if m is None else type(m).__name__  # noqa: E731
-    return (name(layer.input_layernorm), name(att.q_layernorm), name(att.k_layernorm),
-            name(att.v_layernorm), name(layer.pre_mlp_layernorm), name(layer.post_mlp_layernorm))
-
-
-def build_chunks(config, case):
-    """This rank's model chunks (one per virtual pipeline stage), laid out by Megatron."""
-    from megatron.core import parallel_state as ps
-
-    vpp = config.virtual_pipeline_model_parallel_size
-    options = {"qkv_norm": case["qkv_norm"]} if case.get("qkv_norm", "head") != "head" else {}
-    chunks = []
-    for vp in range(vpp or 1):
-        stage = vp if vpp else None
-        model = build_gpt(
-            config, case["scheme"], vp_stage=stage,
-            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
-            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
-            **options)
-        layout_invariant_init(model, config, seed=0)  # the same weights at every layout
-        randomize_norms(model)
-        if case.get("break_v_norm_sync"):
-            _break_v_norm_sync(model)
-        chunks.append(model)
-    return chunks
-
-
-def case_config(case):
-    from megatron.core import parallel_state as ps
-
-    tp = ps.get_tensor_model_parallel_world_size()
-    return tiny_config(
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
-        virtual_pipeline_model_parallel_size=ps.get_virtual_pipeline_model_parallel_world_size(),
-        expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
-        pipeline_dtype=torch.float32,
-        sequence_parallel=case.get("sp", False) and tp > 1,
-        num_query_groups=case.get("groups", 2),
-        qk_layernorm=case.get("qk_layernorm", False),
-        **case.get("config", {}),
-    )
-
-
-def train_case(case: dict, steps: int = 3) -> dict:
-    """Train one configuration for ``steps`` optimizer steps with Megatron's DDP, optimizer and
-    forward-backward schedule, on this rank's parallel layout.
-
-    The global batch is ``case["microbatches"]`` (default 1) micro-batches of 2 sequences, split
-    over the data-parallel ranks (or given whole to each, with ``replicate_batch``). Returns the losses, this rank's full (TP-gathered) gradients
-    of step 1 after ``finalize_model_grads`` under their one-rank names (with the distributed
-    optimizer only this rank's shard of them is reduced), its full parameters after the last
-    step, what sits in each
-    layer's norm slots, and whether the replicated norm weights are bitwise identical across
-    the TP group and across the DP group after the last step.
-    """
-    from megatron.core import parallel_state as ps
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from megatron_hybridnorm.train.loop import forward_step, mean_over_batch, microbatches
-
-    config = case_config(case)
-    chunks = build_chunks(config, case)
-    distopt = case.get("distributed_optimizer", False)
-    ddp_options = case.get("ddp", {})  # e.g. overlap_grad_reduce, overlap_param_gather, bucket_size
-    ddps = [DistributedDataParallel(config, DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=distopt, **ddp_options), m)
-        for m in chunks]
-    opt = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=3e-3, weight_decay=0.1, clip_grad=1.0,
-                        use_distributed_optimizer=distopt), ddps)
-    config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = [d.no_sync for d in ddps] if len(ddps) > 1 else ddps[0].no_sync
-    fwd_bwd = get_forward_backward_func()
-    micro = 2
-    tokens, labels, _ = batch(b=micro * case.get("microbatches", 1))
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    torch.manual_seed(1234)  # every case starts from the same random state: the same dropout
-    model_parallel_cuda_manual_seed(1234)
-    if case.get("replicate_batch"):
-        # every DP rank sees the whole batch: needed where a loss depends on how tokens are
-        # grouped on a rank (MoE load balancing), to compare with one rank exactly
-        mbs = [(tokens[i:i + micro], labels[i:i + micro]) for i in range(0, len(tokens), micro)]
-    else:
-        mbs = microbatches(tokens, labels, micro)
-    device = torch.device("cpu")
-    losses, grads = [], {}
-    for step in range(steps):
-        for d in ddps:
-            d.zero_grad_buffer()
-        opt.zero_grad()
-        out = fwd_bwd(
-            forward_step_func=partial(forward_step, device),
-            data_iterator=[iter(mbs) for _ in ddps] if len(ddps) > 1 else iter(mbs),
-            model=ddps, num_microbatches=len(mbs), seq_length=tokens.shape[1],
-            micro_batch_size=micro, forward_only=False)
-        losses.append(mean_over_batch(out, device))
-        if step == 0:
-            for m in chunks:
-                grads.update({global_name(m, n, p): gather_full(p, p.main_grad)
-                              for n, p in m.named_parameters()})
-        opt.step()
-    if ddp_options.get("overlap_param_gather"):  # the last step's parameters, gathered now
-        for d in ddps:
-            d.start_param_sync(force_sync=True)
-
-    tp_same = dp_same = True
-    for m in chunks:
-        for name, p in m.named_parameters():
-            if "layernorm" in name:
-                dp_same &= _identical(p.detach(), ps.get_data_parallel_group())
-                if not getattr(p, "tensor_model_parallel", False):
-                    tp_same &= _identical(p.detach(), ps.get_tensor_model_parallel_group())
-    slots = {layer.layer_number - 1: layer_slots(layer) for m in chunks for layer in m.decoder.layers}
-    params = {global_name(m, n, p): gather_full(p, p.detach()) for m in chunks
-              for n, p in m.named_parameters()}
-    return {"losses": losses, "grads": grads, "params": params, "slots": slots,
-            "norms_identical": tp_same, "norms_identical_dp": dp_same}
-
-
-def train_cases(cases: list[dict], steps: int = 3) -> list[dict]:
-    return [train_case(c, steps) for c in cases]
+from megatron_hybridnorm.check.training import (  # noqa: F401 - what the tests call
+    build_chunks,
+    case_config,
+    layer_slots,
+    load_and_eval,
+    save_and_eval,
+    train_case,
+    train_cases,
+)
 
 
 KERNELS = (("rmsnorm", "rms_norm"), ("rmsnorm", "add_rms_norm"), ("qkv_norm", "qkv_norm"),
@@ -182,7 +40,8 @@ def train_cases_counting_kernels(cases: list[dict], steps: int = 3) -> list[dict
 
             setattr(mod, name, counted)
         try:
-            results.append({**train_case(case, steps), "kernel_calls": calls})
+            result = {k: v for k, v in train_case(case, steps).items() if k != "chunks"}
+            results.append({**result, "kernel_calls": calls})
         finally:
             for mod, name, original in originals:
                 setattr(mod, name, original)
@@ -203,80 +62,6 @@ def hang_on_rank(bad: int) -> int:
     return torch.distributed.get_rank()
 
 
-def _eval_loss(chunks, config) -> float:
-    """Forward-only loss on the test batch, through Megatron's schedule."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from megatron_hybridnorm.train.loop import forward_step, mean_over_batch
-
-    tokens, labels, _ = batch(b=2)
-    mbs = [(tokens[:1], labels[:1]), (tokens[1:], labels[1:])]  # 2: interleaving needs M >= PP
-    device = torch.device("cpu")
-    for m in chunks:
-        m.eval()
-    with torch.no_grad():
-        out = get_forward_backward_func()(
-            forward_step_func=partial(forward_step, device),
-            data_iterator=[iter(mbs) for _ in chunks] if len(chunks) > 1 else iter(mbs),
-            model=chunks, num_microbatches=2, seq_length=tokens.shape[1], micro_batch_size=1,
-            forward_only=True)
-    return mean_over_batch(out, device)
-
-
-def _sharded_state(chunks):
-    if len(chunks) == 1:
-        return chunks[0].sharded_state_dict()
-    state = {}
-    for i, m in enumerate(chunks):  # Megatron-LM's naming for virtual pipeline chunks
-        state[f"model{i}"] = m.sharded_state_dict()
-    return state
-
-
-def save_and_eval(cases: list[dict], root: str) -> list[float]:
-    """Save each case's (randomized) model with dist_checkpointing; its loss on the test batch."""
-    from megatron.core import dist_checkpointing
-
-    losses = []
-    for i, case in enumerate(cases):
-        config = case_config(case)
-        chunks = build_chunks(config, case)
-        path = f"{root}/case{i}"
-        if torch.distributed.get_rank() == 0:
-            import os
-
-            os.makedirs(path, exist_ok=True)
-        torch.distributed.barrier()
-        dist_checkpointing.save(_sharded_state(chunks), path)
-        losses.append(_eval_loss(chunks, config))
-    return losses
-
-
-def load_and_eval(cases: list[dict], root: str) -> list[float]:
-    """Build each case at this rank's layout with other weights, load its checkpoint, evaluate."""
-    from megatron.core import dist_checkpointing
-
-    from megatron_hybridnorm.inspect import check_checkpoint
-
-    losses = []
-    for i, case in enumerate(cases):
-        config = case_config(case)
-        chunks = build_chunks(config, case)
-        for m in chunks:  # make sure the weights come from the checkpoint
-            with torch.no_grad():
-                for p in m.parameters():
-                    p.mul_(0.5)
-        path = f"{root}/case{i}"
-        check_checkpoint(chunks, path)
-        state = dist_checkpointing.load(_sharded_state(chunks), path)
-        if len(chunks) == 1:
-            chunks[0].load_state_dict(state)
-        else:
-            for j, m in enumerate(chunks):
-                m.load_state_dict(state[f"model{j}"])
-        losses.append(_eval_loss(chunks, config))
-    return losses
-
-
 def full_qkv_norm_on_a_slice_of_heads(case):
     """This rank's share (its KV groups) of the full-width Q/K/V norm kernel, the statistics
     summed over the process group (gloo; Triton's interpreter on the CPU)."""
@@ -295,3 +80,22 @@ def full_qkv_norm_on_a_slice_of_heads(case):
     local_grads = [grads[0][:, :, lo * P:hi * P], grads[1][:, :, lo:hi], grads[2][:, :, lo:hi]]
     torch.autograd.backward(out, local_grads)
     return [o.detach() for o in out], mine.grad, [w.grad for w in wl]
+
+
+def check_commands(argvs: list[list[str]]) -> list[tuple[int, dict | None]]:
+    """``python -m megatron_hybridnorm.check ARGV`` on this rank, for each ARGV in turn: (exit
+    code, rank 0's JSON report)."""
+    import json
+
+    from megatron_hybridnorm.check.cli import main
+
+    results = []
+    for argv in argvs:
+        code = main(argv)
+        out = argv[argv.index("--out") + 1]
+        report = None
+        if torch.distributed.get_rank() == 0 and code in (0, 1):
+            with open(out) as f:
+                report = json.load(f)
+        results.append((code, report))
+    return results
