@@ -13,6 +13,9 @@
 #   TRAIN_ITERS   override the paper's iteration count (e.g. 20 for a smoke test)
 #   DRY_RUN=1     print the torchrun line (as a # comment), then the pretrain_gpt.py arguments one
 #                 per line, and start nothing
+#   CHECK=1       first run `python -m megatron_hybridnorm.check` on the same processes with this
+#                 job's scheme, TP/PP/EP/SP, backend and FP8, and start training only if it passes
+#                 (its report: CHECK_OUT, default checks/<scheme>.json)
 #   HYBRIDNORM_QKV_NORM, HYBRIDNORM_MIXLN_FRACTION   scheme options (see the top-level README)
 set -euo pipefail
 
@@ -30,6 +33,16 @@ spec_args() {
     *) die "unknown scheme '$1'" ;;
   esac
   ARGS+=(--spec megatron_hybridnorm.entrypoints "$1")
+  SPEC_SCHEME=$1
+}
+
+check_args() {  # the check of this job's scheme, layout and backend (CHECK=1)
+  CHECK_ARGS=(-m megatron_hybridnorm.check --scheme "$SPEC_SCHEME" --tp "$TP" --pp "$PP"
+              --distopt --out "${CHECK_OUT:-checks/$SPEC_SCHEME.json}")
+  if [ "${EP:-1}" != 1 ]; then CHECK_ARGS+=(--ep "$EP"); fi
+  if [ "$SP" = 1 ]; then CHECK_ARGS+=(--sp); fi
+  if [ "$IMPL" = transformer_engine ]; then CHECK_ARGS+=(--backend te); fi
+  if [ "$FP8" != off ]; then CHECK_ARGS+=(--fp8 "$FP8"); fi
 }
 
 parallel_args() {
@@ -79,8 +92,19 @@ output_args() {  # $1: run name
 }
 
 launch() {
-  local torchrun=(torchrun --nproc-per-node "$GPUS_PER_NODE" --nnodes "$NNODES"
-                  --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
+  local nodes=(--nproc-per-node "$GPUS_PER_NODE" --nnodes "$NNODES" --node-rank "$NODE_RANK"
+               --master-addr "$MASTER_ADDR")
+  local torchrun=(torchrun "${nodes[@]}" --master-port "$MASTER_PORT")
+  if [ "${CHECK:-0}" = 1 ]; then
+    check_args
+    local check=(torchrun "${nodes[@]}" --master-port "$((MASTER_PORT + 1))" "${CHECK_ARGS[@]}")
+    if [ "${DRY_RUN:-0}" = 1 ]; then
+      echo "# check: ${check[*]}"
+    else
+      mkdir -p "$(dirname "${CHECK_OUT:-checks/$SPEC_SCHEME.json}")"
+      "${check[@]}" || die "the check failed: no training (its table is above)"
+    fi
+  fi
   if [ "${DRY_RUN:-0}" = 1 ]; then
     echo "# ${torchrun[*]} pretrain_gpt.py"
     printf '%s\n' "${ARGS[@]}"

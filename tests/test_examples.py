@@ -144,3 +144,60 @@ for ((n = 0; n < SLURM_NNODES; n++)); do SLURM_NODEID=$n "$@" || exit $?; done
 def test_scripts_are_valid_bash():
     for f in sorted(EXAMPLES.glob("*.sh")) + sorted(EXAMPLES.glob("*.sbatch")):
         assert subprocess.run(["bash", "-n", str(f)]).returncode == 0, f
+
+
+@pytest.mark.parametrize("script,env,world", [
+    ("train_dense_1p2b.sh", {}, 8),
+    ("train_dense_1p2b.sh", {"TP": "2", "SP": "1", "FP8": "tensorwise"}, 8),
+    ("train_dense_1p2b.sh", {"PP": "2", "IMPL": "local"}, 8),
+    ("train_moe_1b7b.sh", {"EP": "4"}, 8),
+])
+def test_check_before_training_has_the_jobs_layout(monkeypatch, script, env, world):
+    """CHECK=1: the check runs first on the same processes, with the job's scheme, layout,
+    backend and FP8; its arguments are the check command's own, and the layout fits."""
+    import shlex
+
+    from megatron.core.extensions import transformer_engine as te_ext
+
+    from megatron_hybridnorm.check.cli import parser, validate
+
+    out = dry_run(script, CHECK="1", **env)
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.splitlines()[:2]
+    assert first.startswith("# check: torchrun --nproc-per-node 8 ") and second.startswith(
+        "# torchrun ")
+    argv = shlex.split(first.removeprefix("# check: "))
+    args = parser().parse_args(argv[argv.index("megatron_hybridnorm.check") + 1:])
+    job = validated(pretrain_args(script, **env)[1], world, monkeypatch)
+    assert args.scheme == job.spec[1]
+    assert (args.tp, args.pp, args.ep, args.sp) == (
+        job.tensor_model_parallel_size, job.pipeline_model_parallel_size,
+        job.expert_model_parallel_size, job.sequence_parallel)
+    assert args.backend == ("te" if job.transformer_impl == "transformer_engine" else "local")
+    assert args.fp8 == (job.fp8_recipe if job.fp8 else None) and args.distopt
+    monkeypatch.setattr(te_ext, "HAVE_TE", True)  # as on the job's machines
+    validate(args, world)
+
+
+def test_slurm_check_then_train_checks_on_every_node_first(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _fake(bin_dir, "scontrol", 'printf "gpu-a01\\ngpu-a02\\n"\n')
+    _fake(bin_dir, "srun", '''
+while [ "$1" != bash ]; do shift; done
+for ((n = 0; n < SLURM_NNODES; n++)); do SLURM_NODEID=$n "$@" || exit $?; done
+''')
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "DRY_RUN": "1",
+           "SLURM_SUBMIT_DIR": str(ROOT), "SLURM_JOB_NODELIST": "gpu-a[01-02]",
+           "SLURM_NNODES": "4", "SLURM_GPUS_ON_NODE": "8"}
+    out = subprocess.run(["bash", str(EXAMPLES / "slurm_check_then_train.sbatch")],
+                         capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("# ")]
+    for n in range(4):  # per node: the check (its own port), then the training
+        assert lines[2 * n] == (
+            f"# check: torchrun --nproc-per-node 8 --nnodes 4 --node-rank {n} --master-addr "
+            "gpu-a01 --master-port 29501 -m megatron_hybridnorm.check --scheme hybridnorm_star "
+            "--tp 1 --pp 1 --distopt --out checks/hybridnorm_star.json --backend te")
+        assert lines[2 * n + 1].startswith(f"# torchrun --nproc-per-node 8 --nnodes 4 "
+                                           f"--node-rank {n} ")
