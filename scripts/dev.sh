@@ -3,7 +3,7 @@
 #   scripts/dev.sh train [flags]   the main job
 #   scripts/dev.sh test  [pytest args]
 # It finds a Python >= 3.12 ($PYTHON, python3.12/python3.13 on PATH, or pyenv's versions), creates
-# .venv and installs the package with its test extras; later runs reuse the venv.
+# .venv and installs the package with its test and Hugging Face extras; later runs reuse the venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,7 +32,7 @@ if [ ! -f "$STAMP" ]; then
     "$PY" -m venv "$VENV"
   fi
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e ".[test]"
+  "$VENV/bin/python" -m pip install -q -e ".[test,hf]"
   rm -f "$VENV"/.installed-* && touch "$STAMP"
 fi
 

@@ -11,21 +11,22 @@ from helpers import VOCAB, randomize_norms, rel_err, tiny_config
 PROMPT, NEW = 8, 16
 
 
-def decode(model, prompt):
-    """Greedy decoding of NEW tokens with the KV cache; the logits of every decoded position."""
+def decode(model, prompt, new=NEW):
+    """Greedy decoding of ``new`` tokens with Megatron-Core's KV cache (its static inference
+    context); the tokens and the logits of every decoded position."""
     from megatron.core.inference.contexts import StaticInferenceContext
 
     b, n = prompt.shape
-    ctx = StaticInferenceContext(max_batch_size=b, max_sequence_length=n + NEW)
-    pos = torch.arange(n + NEW).unsqueeze(0).expand(b, -1)
+    ctx = StaticInferenceContext(max_batch_size=b, max_sequence_length=n + new)
+    pos = torch.arange(n + new).unsqueeze(0).expand(b, -1)
     tokens, steps = prompt, []
     logits = model(prompt, pos[:, :n], None, inference_context=ctx)[:, -1]
     ctx.sequence_len_offset += n
-    for t in range(NEW):
+    for t in range(new):
         steps.append(logits)
         nxt = logits.argmax(-1, keepdim=True)
         tokens = torch.cat([tokens, nxt], dim=1)
-        if t + 1 < NEW:
+        if t + 1 < new:
             logits = model(nxt, pos[:, n + t:n + t + 1], None, inference_context=ctx)[:, -1]
             ctx.sequence_len_offset += 1
     return tokens, torch.stack(steps, dim=1)

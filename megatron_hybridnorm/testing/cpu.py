@@ -21,7 +21,11 @@ _PATCHED = False
 
 
 class _CpuStream:
-    """Stands in for a CUDA stream: CPU work is already ordered."""
+    """Stands in for a CUDA stream: CPU work is already ordered. (A class, not a function:
+    libraries annotate with ``torch.cuda.Stream | None``.)"""
+
+    def __init__(self, *args, **kwargs):
+        pass
 
     def wait_event(self, event):
         pass
@@ -37,6 +41,9 @@ class _CpuStream:
 
 
 class _CpuEvent:
+    def __init__(self, *args, **kwargs):
+        pass
+
     def record(self, stream=None):
         pass
 
@@ -99,8 +106,8 @@ def use_cpu() -> bool:
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.current_stream = lambda device=None: _CpuStream()
     torch.cuda.default_stream = lambda device=None: _CpuStream()
-    torch.cuda.Stream = lambda *a, **k: _CpuStream()
-    torch.cuda.Event = lambda *a, **k: _CpuEvent()
+    torch.cuda.Stream = _CpuStream
+    torch.cuda.Event = _CpuEvent
     torch.cuda.synchronize = lambda device=None: None
     torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
     torch.cuda.get_rng_state = lambda device="cuda": cpu_rng.get_rng_state()
