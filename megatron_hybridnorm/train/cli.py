@@ -255,7 +255,7 @@ def main(argv=None) -> int:
     import torch
 
     from . import dist
-    from .data import DataError, load_corpus
+    from .data import BYTE_VOCAB, DataError, get_batch, load_corpus
     from .loop import SchemeRun
     from .report import RunLog, plot, summarize, table
 
@@ -295,7 +295,8 @@ def main(argv=None) -> int:
 
     from .loop import Outcome
 
-    results = {}
+    results, samples = {}, {}
+    prompt = get_batch(corpus.val, args.seed + 1, 0, 1, min(32, args.seq_len // 2))[0]
     for scheme in args.scheme_list:
         if scheme in outcomes:
             results[scheme] = Outcome(scheme, outcomes[scheme]["diverged_step"])
@@ -313,6 +314,8 @@ def main(argv=None) -> int:
             dist.teardown()
             return 130
         results[scheme] = outcome
+        if outcome.diverged_step is None:
+            samples[scheme] = run.sample(prompt)
         outcomes[scheme] = {"diverged_step": outcome.diverged_step}
         if main_rank:
             outcomes_path.write_text(json.dumps(outcomes, indent=2))
@@ -322,9 +325,25 @@ def main(argv=None) -> int:
         (folder / "summary.json").write_text(json.dumps(summary, indent=2))
         plot(folder, args.scheme_list)
         print("\n" + table(summary))
+        print_samples(samples, prompt[0].tolist(), corpus.vocab_size == BYTE_VOCAB)
         print(f"\nwrote {folder}/: metrics.jsonl, summary.json, loss.png, grad_flow.png, config.json")
+        done = [s for s in args.scheme_list if (folder / "checkpoints" / s / "latest").is_file()]
+        if done:
+            print(f"export to Hugging Face: python -m megatron_hybridnorm.hf export "
+                  f"{folder}/checkpoints/{done[0]} {folder}/hf-{done[0]}")
     dist.teardown()
     return 0
+
+
+def print_samples(samples: dict, prompt: list[int], as_bytes: bool) -> None:
+    """Each scheme's greedy continuation of one validation prompt."""
+    if not samples:
+        return
+    show = (lambda ids: repr(bytes(ids).decode("utf-8", "replace"))) if as_bytes else str
+    print(f"\ngreedy samples after the validation prompt {show(prompt)}:")
+    for scheme, ids in samples.items():
+        print(f"  {scheme:<18} " + (show(ids) if ids is not None
+                                     else "(not with pipeline parallelism)"))
 
 
 def entry() -> None:

@@ -114,6 +114,30 @@ class SchemeRun:
         self.ddp.train()
         return sum(values) / len(values)
 
+    def sample(self, prompt: torch.Tensor, new: int = 48) -> list[int] | None:
+        """Greedy continuation of ``prompt`` ([1, n] tokens) by the trained model, every rank
+        taking part (TP shards the vocabulary: the logits are gathered); None with pipeline
+        parallelism (no single rank holds the whole model)."""
+        from megatron.core import parallel_state
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            return None
+        model = unwrap(self.ddp)
+        model.eval()
+        tokens = prompt.to(self.device)
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        with torch.no_grad():
+            for _ in range(new):
+                window = tokens[:, -self.args.seq_len:]
+                if self.config.sequence_parallel:  # the sequence splits evenly over TP ranks
+                    window = window[:, window.shape[1] % tp:]
+                pos = torch.arange(window.shape[1], device=self.device).unsqueeze(0)
+                logits = gather_from_tensor_model_parallel_region(model(window, pos, None))
+                tokens = torch.cat([tokens, logits[:, -1:].argmax(-1)], dim=1)
+        model.train()
+        return tokens[0, prompt.shape[1]:].tolist()
+
     def resume(self) -> None:
         path = checkpoint.latest(self.ckpt_dir)
         if path is not None:
