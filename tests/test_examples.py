@@ -116,11 +116,9 @@ def _fake(bin_dir: Path, name: str, body: str):
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
-@pytest.mark.parametrize("sbatch,nodes", [("slurm_dense_1p2b.sbatch", 4),
-                                          ("slurm_moe_1b7b.sbatch", 8)])
-def test_slurm_script_starts_one_ranked_torchrun_per_node(tmp_path, sbatch, nodes):
-    """With stand-ins for scontrol and srun: srun runs its command once per node, as SLURM
-    would, with that node's SLURM_NODEID."""
+def slurm_stand_ins(tmp_path, nodes: int) -> dict:
+    """An environment where scontrol and srun are stand-ins: srun runs its command once per node,
+    as SLURM would, with that node's SLURM_NODEID."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     _fake(bin_dir, "scontrol", 'printf "gpu-a01\\ngpu-a02\\ngpu-a03\\n"\n')
@@ -128,9 +126,17 @@ def test_slurm_script_starts_one_ranked_torchrun_per_node(tmp_path, sbatch, node
 while [ "$1" != bash ]; do shift; done
 for ((n = 0; n < SLURM_NNODES; n++)); do SLURM_NODEID=$n "$@" || exit $?; done
 ''')
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "DRY_RUN": "1",
-           "SLURM_SUBMIT_DIR": str(ROOT), "SLURM_JOB_NODELIST": "gpu-a[01-03]",
-           "SLURM_NNODES": str(nodes), "SLURM_GPUS_ON_NODE": "8"}
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "DRY_RUN": "1",
+            "SLURM_SUBMIT_DIR": str(ROOT), "SLURM_JOB_NODELIST": "gpu-a[01-03]",
+            "SLURM_NNODES": str(nodes), "SLURM_GPUS_ON_NODE": "8"}
+
+
+@pytest.mark.parametrize("sbatch,nodes", [("slurm_dense_1p2b.sbatch", 4),
+                                          ("slurm_moe_1b7b.sbatch", 8)])
+def test_slurm_script_starts_one_ranked_torchrun_per_node(tmp_path, sbatch, nodes):
+    """With stand-ins for scontrol and srun: srun runs its command once per node, as SLURM
+    would, with that node's SLURM_NODEID."""
+    env = slurm_stand_ins(tmp_path, nodes)
     out = subprocess.run(["bash", str(EXAMPLES / sbatch), "prenorm"], capture_output=True,
                          text=True, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -180,16 +186,7 @@ def test_check_before_training_has_the_jobs_layout(monkeypatch, script, env, wor
 
 
 def test_slurm_check_then_train_checks_on_every_node_first(tmp_path):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    _fake(bin_dir, "scontrol", 'printf "gpu-a01\\ngpu-a02\\n"\n')
-    _fake(bin_dir, "srun", '''
-while [ "$1" != bash ]; do shift; done
-for ((n = 0; n < SLURM_NNODES; n++)); do SLURM_NODEID=$n "$@" || exit $?; done
-''')
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "DRY_RUN": "1",
-           "SLURM_SUBMIT_DIR": str(ROOT), "SLURM_JOB_NODELIST": "gpu-a[01-02]",
-           "SLURM_NNODES": "4", "SLURM_GPUS_ON_NODE": "8"}
+    env = slurm_stand_ins(tmp_path, 4)
     out = subprocess.run(["bash", str(EXAMPLES / "slurm_check_then_train.sbatch")],
                          capture_output=True, text=True, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr

@@ -15,7 +15,6 @@ import json
 import shutil
 from pathlib import Path
 
-
 from ..inspect import check_checkpoint, checkpoint_folder, detect_checkpoint
 from .architecture import Architecture, ExportError, run_config_of
 
