@@ -14,21 +14,29 @@ import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
-def truncated_normal(std: float):
-    """An init method (Megatron's callable form) drawing N(0, std) truncated at 3 std."""
-    return partial(torch.nn.init.trunc_normal_, mean=0.0, std=std, a=-3 * std, b=3 * std)
+TRUNCATION = 3.0  # standard deviations, as the official code
+
+
+def truncated_normal(std: float, truncation: float = TRUNCATION):
+    """An init method (Megatron's callable form) drawing N(0, std) truncated at ``truncation``
+    std; 0 draws the plain normal (Megatron's default)."""
+    if not truncation:
+        return partial(torch.nn.init.normal_, mean=0.0, std=std)
+    cut = truncation * std
+    return partial(torch.nn.init.trunc_normal_, mean=0.0, std=std, a=-cut, b=cut)
 
 
 def small_init_std(hidden_size: int) -> float:
     return math.sqrt(2.0 / (5.0 * hidden_size))
 
 
-def apply_small_init(config: TransformerConfig) -> TransformerConfig:
+def apply_small_init(config: TransformerConfig, truncation: float = TRUNCATION) -> TransformerConfig:
     """Set ``config``'s init methods to SmallInit, in place; returns ``config``."""
     std = small_init_std(config.hidden_size)
+    out_std = std / math.sqrt(2.0 * config.num_layers)
     config.init_method_std = std
     config.embedding_init_method_std = std
-    config.init_method = truncated_normal(std)
-    config.embedding_init_method = truncated_normal(std)
-    config.output_layer_init_method = truncated_normal(std / math.sqrt(2.0 * config.num_layers))
+    config.init_method = truncated_normal(std, truncation)
+    config.embedding_init_method = truncated_normal(std, truncation)
+    config.output_layer_init_method = truncated_normal(out_std, truncation)
     return config

@@ -48,6 +48,13 @@ def train_losses(folder, scheme):
     return [r["train_loss"] for r in rows(folder) if r["scheme"] == scheme and r["step"] > 0]
 
 
+def run_records(folder) -> dict:
+    """summary.json's run records by scheme (a one-seed, one-rate run)."""
+    summary = json.loads((folder / "summary.json").read_text())
+    assert len(summary["seeds"]) == 1 and len(summary["peak_lrs"]) == 1
+    return {r["scheme"]: r for r in summary["runs"]}
+
+
 BAD_FLAGS = [
     (["--schemes", "prenorm,bogus"], "unknown ['bogus']"),
     (["--heads", "4", "--tp", "3"], "--heads 4 is not divisible by --tp 3"),
@@ -155,9 +162,10 @@ def test_tp2_and_pp2_match_one_rank(tmp_path):
 def test_too_high_learning_rate_is_reported_as_diverged(tmp_path):
     out = run([*SMALL, "--schemes", "postnorm,hybridnorm", "--steps", "12", "--lr", "1e4",
                "--warmup", "1", "--clip-grad", "0", "--runs-dir", str(tmp_path), "--name", "hot"])
-    summary = json.loads((tmp_path / "hot/summary.json").read_text())
+    summary = run_records(tmp_path / "hot")
     assert summary["postnorm"]["diverged"] and 1 <= summary["postnorm"]["diverged_step"] <= 12
-    assert "diverged; going on with the other schemes" in out.stdout
+    assert summary["postnorm"]["final_val_loss"] is None
+    assert "diverged; going on with the other runs" in out.stdout
     assert train_losses(tmp_path / "hot", "hybridnorm")  # the next scheme still ran
     assert "postnorm" in out.stdout and "step " in out.stdout  # the table names the step
 
@@ -192,8 +200,7 @@ def test_ctrl_c_checkpoints_and_resume_is_bitwise_identical(tmp_path):
     run(["--resume", "--name", "broken", "--runs-dir", str(tmp_path)])
     for scheme in ("prenorm", "hybridnorm_star"):
         assert train_losses(tmp_path / "broken", scheme) == train_losses(tmp_path / "straight", scheme)
-    summary = json.loads((tmp_path / "broken/summary.json").read_text())
-    assert summary.keys() == {"prenorm", "hybridnorm_star"}
+    assert run_records(tmp_path / "broken").keys() == {"prenorm", "hybridnorm_star"}
 
 
 def test_resume_refuses_changed_flags(tmp_path, capsys):
@@ -212,7 +219,8 @@ def test_default_run_learns_in_under_six_minutes(tmp_path):
     loss must end at least 1.5 nats/token below where it started (5.2-7.9 at step 0)."""
     from matplotlib.image import imread
 
-    from megatron_hybridnorm.train.report import plot
+    from megatron_hybridnorm.train.log import read_jsonl
+    from megatron_hybridnorm.train.plots import plot
 
     t0 = time.time()
     out = run(["--runs-dir", str(tmp_path), "--name", "default"], timeout=600)
@@ -221,22 +229,25 @@ def test_default_run_learns_in_under_six_minutes(tmp_path):
     folder = tmp_path / "default"
     schemes = ["prenorm", "postnorm", "hybridnorm", "hybridnorm_star"]
     summary = json.loads((folder / "summary.json").read_text())
-    assert list(summary) == schemes
-    for s in schemes:
-        r = summary[s]
+    assert summary["schemes"] == schemes
+    for s, r in run_records(folder).items():
         assert not r["diverged"] and r["steps"] == 120
         assert r["final_val_loss"] < r["initial_val_loss"] - 1.5, (s, r)
     for s in schemes:  # the printed table
         assert s in out.stdout.split("final val")[1]
+    # one seed: the table says that it cannot rank the schemes, and names the study that can
+    assert "this run shows\nthe machinery and the gradient flow" in out.stdout
+    assert "hybridnorm-train --preset paper-small" in out.stdout
     for name in ("loss.png", "grad_flow.png"):
         img = imread(folder / name)
         assert img.shape[0] > 300 and img.shape[1] > 500 and img.std() > 0.05
-    labels = plot(folder, schemes)
-    assert labels["loss.png"] == [schemes]
-    assert labels["grad_flow.png"] == [schemes, schemes]  # step 1 and step 100
+    panels = plot(folder, summary, rows(folder), read_jsonl(folder / "grad_flow.jsonl"))
+    assert [p["labels"] for p in panels["loss.png"]] == [
+        schemes, ["prenorm (baseline)", *schemes[1:]]]
+    assert [p["labels"] for p in panels["grad_flow.png"]] == [schemes, schemes]  # steps 1, 100
     rows_ = rows(folder)
-    assert {k for r in rows_ for k in r} == {"scheme", "step", "train_loss", "val_loss",
-                                              "grad_norm", "tokens_per_s", "lr"}
+    assert {k for r in rows_ for k in r} == {"scheme", "seed", "peak_lr", "step", "train_loss",
+                                              "val_loss", "grad_norm", "tokens_per_s", "lr"}
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["args"]["layers"] == 6 and cfg["args"]["hidden"] == 256
 

@@ -2,8 +2,11 @@
 
 With no arguments it trains Pre-Norm, Post-Norm, HybridNorm and HybridNorm* (6 layers, d 256)
 on the running Python's standard library, on the GPU if there is one and the CPU otherwise,
-and writes metrics, plots and a summary to ``runs/<name>/``. Under torchrun it runs with
-tensor, sequence and pipeline parallelism (``--tp``, ``--sp``, ``--pp``) and data parallelism.
+and writes metrics, plots and a summary to ``runs/<name>/``. ``--seeds N`` repeats every scheme
+under N seeds and reports paired differences with 95% intervals; ``--preset paper-small`` is the
+study that ranks the schemes; ``--lr-sweep`` trains each scheme at several peak learning rates.
+Under torchrun it runs with tensor, sequence and pipeline parallelism (``--tp``, ``--sp``,
+``--pp``) and data parallelism.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import json
 import sys
 import time
 from pathlib import Path
+
+from .presets import PRESETS
 
 DEFAULT_SCHEMES = "prenorm,postnorm,hybridnorm,hybridnorm_star"
 RESUMABLE_KEEP = ("name", "runs_dir", "resume", "verbose")
@@ -30,6 +35,9 @@ def show_defaults(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hybridnorm-train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="a study's settings, as defaults that explicit flags override: "
+                        + "; ".join(f"{k}: {v.help}" for k, v in PRESETS.items()))
     g = p.add_argument_group("schemes")
     g.add_argument("--schemes", default=DEFAULT_SCHEMES, help="comma-separated scheme names")
     g.add_argument("--qkv-norm", default="head", choices=["head", "full"],
@@ -53,11 +61,28 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=8, help="global batch, in sequences")
     g.add_argument("--micro-batch-size", type=int, default=None,
                    help="default: the global batch split over data-parallel ranks")
-    g.add_argument("--lr", type=float, default=3e-3)
+    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     g.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 10%%)")
     g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--decay-norm-and-bias", action="store_true",
+                   help="weight decay on norm weights and biases too, as the official HybridNorm "
+                        "configs (decay_norm_and_bias: true); off: Megatron's rule, no decay on "
+                        "biases and other 1-D parameters")
+    g.add_argument("--init-truncation", type=float, default=3.0,
+                   help="truncate the SmallInit normal at this many standard deviations (3 in "
+                        "the official code; 0: no truncation, Megatron's plain normal)")
     g.add_argument("--clip-grad", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--seed", type=int, default=1234,
+                   help="the first seed; a seed sets the init and the data order")
+    g = p.add_argument_group("seeds, baseline and sweep")
+    g.add_argument("--seeds", type=int, default=1,
+                   help="train every scheme under this many seeds (--seed, --seed + 1, ...)")
+    g.add_argument("--baseline", default=None,
+                   help="the scheme others are compared with (default: prenorm if it runs, else "
+                        "the first of --schemes)")
+    g.add_argument("--lr-sweep", default=None,
+                   help="comma-separated peak learning rates, each scheme trained at each "
+                        "(replaces --lr); reports the final loss or the divergence step")
     g.add_argument("--eval-interval", type=int, default=20)
     g.add_argument("--eval-batches", type=int, default=4)
     g.add_argument("--grad-flow-steps", default=None,
@@ -89,6 +114,27 @@ class ArgError(ValueError):
     """A flag combination that cannot work; reported before any work starts."""
 
 
+def explicit_flags(argv) -> set[str]:
+    """The destinations of the flags given on the command line (not left at a default)."""
+    q = parser()
+    for action in q._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(q.parse_args(argv)))
+
+
+def parse(argv=None):
+    """(parser, args): the command line over the preset's settings over the defaults."""
+    p = parser()
+    args = p.parse_args(argv)
+    if args.preset:
+        p.set_defaults(**PRESETS[args.preset].flags)
+        args = p.parse_args(argv)
+    explicit = explicit_flags(argv)
+    if args.lr_sweep is not None and "lr" in explicit:
+        p.error("--lr-sweep replaces --lr; pass one of them")
+    return p, args
+
+
 def resolve(args, world_size: int, cuda: bool):
     """Fill defaults that depend on other flags, and check everything that can be checked."""
     from ..schemes import SCHEMES
@@ -99,6 +145,25 @@ def resolve(args, world_size: int, cuda: bool):
         raise ArgError(f"--schemes: unknown {bad or 'empty'}; choose from {', '.join(SCHEMES)}")
     if len(set(args.scheme_list)) != len(args.scheme_list):
         raise ArgError("--schemes lists a scheme twice")
+    if args.baseline is None:
+        args.baseline = "prenorm" if "prenorm" in args.scheme_list else args.scheme_list[0]
+    elif args.baseline not in args.scheme_list:
+        raise ArgError(f"--baseline {args.baseline} is not among --schemes {args.schemes}; "
+                       "add it there")
+    if args.seeds < 1:
+        raise ArgError("--seeds must be at least 1")
+    if isinstance(args.lr_sweep, str):
+        try:
+            args.lr_sweep = [float(v) for v in args.lr_sweep.split(",") if v.strip()]
+        except ValueError:
+            raise ArgError("--lr-sweep takes comma-separated numbers, e.g. 1e-3,3e-3,1e-2") from None
+        if not args.lr_sweep or any(v <= 0 for v in args.lr_sweep):
+            raise ArgError("--lr-sweep needs positive learning rates")
+        if len(set(args.lr_sweep)) != len(args.lr_sweep):
+            raise ArgError("--lr-sweep lists a rate twice")
+        args.lr_sweep = sorted(args.lr_sweep)
+    if args.init_truncation < 0:
+        raise ArgError("--init-truncation must be 0 (none) or a positive number of std")
     if args.ffn_hidden is None:
         args.ffn_hidden = max(64, round(args.hidden * 8 / 3 / 64) * 64)
     if args.dtype is None:
@@ -208,17 +273,17 @@ def versions() -> dict:
 
 
 class Progress:
-    def __init__(self, enabled: bool, total: int):
-        self.enabled, self.total, self.bar = enabled, total, None
+    def __init__(self, enabled: bool, total: int, width: int = 16):
+        self.enabled, self.total, self.width, self.bar = enabled, total, max(16, width), None
 
-    def start(self, scheme: str, initial: int) -> None:
+    def start(self, name: str, initial: int) -> None:
         if self.enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=self.total, initial=initial, desc=f"{scheme:>16}",
+            self.bar = tqdm(total=self.total, initial=initial, desc=f"{name:>{self.width}}",
                             unit="step", dynamic_ncols=True, file=sys.stdout)
 
-    def update(self, scheme: str, step: int, loss: float) -> None:
+    def update(self, step: int, loss: float) -> None:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             self.bar.update(step - self.bar.n)
@@ -248,16 +313,18 @@ def quiet() -> None:
 
 
 def main(argv=None) -> int:
-    p = parser()
-    args = p.parse_args(argv)
+    p, args = parse(argv)
     if not args.verbose:
         quiet()
     import torch
 
     from . import dist
     from .data import BYTE_VOCAB, DataError, get_batch, load_corpus
+    from .log import RunLog, read_jsonl
     from .loop import SchemeRun
-    from .report import RunLog, plot, summarize, table
+    from .plots import plot
+    from .runs import run_keys, tag
+    from .summary import summarize, table
 
     try:
         folder = run_folder(args)
@@ -276,7 +343,8 @@ def main(argv=None) -> int:
 
     device = dist.setup(args.tp, args.pp, args.seed)
     main_rank = dist.is_main()
-    progress = Progress(main_rank, args.steps)
+    keys = run_keys(args)
+    progress = Progress(main_rank, args.steps, max(len(tag(args, k)) for k in keys))
     log = RunLog(folder, printer=progress.write)
     outcomes_path = folder / "outcomes.json"
     if main_rank:
@@ -293,19 +361,19 @@ def main(argv=None) -> int:
              f"(tp {args.tp}, pp {args.pp}, dp {args.dp}{', sp' if args.sp else ''}), {args.dtype}; "
              f"data: {corpus.description}")
 
-    from .loop import Outcome
-
-    results, samples = {}, {}
+    diverged, samples = {}, {}
     prompt = get_batch(corpus.val, args.seed + 1, 0, 1, min(32, args.seq_len // 2))[0]
-    for scheme in args.scheme_list:
-        if scheme in outcomes:
-            results[scheme] = Outcome(scheme, outcomes[scheme]["diverged_step"])
+    t_start = time.perf_counter()
+    for key in keys:
+        name = tag(args, key)
+        if name in outcomes:
+            diverged[key] = outcomes[name]["diverged_step"]
             continue
-        run = SchemeRun(args, scheme, corpus, log, device, folder / "checkpoints" / scheme)
+        run = SchemeRun(args, key, corpus, log, device, folder / "checkpoints" / name, name)
         if args.resume:
             run.resume()
-            log.truncate(scheme, run.step)
-        progress.start(scheme, run.step)
+            log.truncate(key, run.step)
+        progress.start(name, run.step)
         outcome = run.train(progress)
         progress.close()
         if outcome.interrupted_at is not None:
@@ -313,26 +381,39 @@ def main(argv=None) -> int:
                      + (f" --runs-dir {args.runs_dir}" if args.runs_dir != "runs" else ""))
             dist.teardown()
             return 130
-        results[scheme] = outcome
-        if outcome.diverged_step is None:
-            samples[scheme] = run.sample(prompt)
-        outcomes[scheme] = {"diverged_step": outcome.diverged_step}
+        diverged[key] = outcome.diverged_step
+        if outcome.diverged_step is None and key.seed == args.seed and key.lr == keys[0].lr:
+            samples[key.scheme] = run.sample(prompt)
+        outcomes[name] = {"diverged_step": outcome.diverged_step,
+                          "wall_s": time.perf_counter() - t_start}
+        t_start = time.perf_counter()
         if main_rank:
             outcomes_path.write_text(json.dumps(outcomes, indent=2))
 
     if main_rank:
-        summary = summarize(folder, args.scheme_list, results)
+        summary = summarize(read_jsonl(folder / "metrics.jsonl"), keys, diverged, args.baseline)
+        summary["wall_s"] = sum(o.get("wall_s", 0.0) for o in outcomes.values())
         (folder / "summary.json").write_text(json.dumps(summary, indent=2))
-        plot(folder, args.scheme_list)
+        figures = plot(folder, summary, read_jsonl(folder / "metrics.jsonl"),
+                       read_jsonl(folder / "grad_flow.jsonl"))
         print("\n" + table(summary))
+        if args.seeds == 1:
+            print(ONE_SEED_NOTE)
         print_samples(samples, prompt[0].tolist(), corpus.vocab_size == BYTE_VOCAB)
-        print(f"\nwrote {folder}/: metrics.jsonl, summary.json, loss.png, grad_flow.png, config.json")
-        done = [s for s in args.scheme_list if (folder / "checkpoints" / s / "latest").is_file()]
+        print(f"\nwrote {folder}/: metrics.jsonl, summary.json, {', '.join(figures)}, config.json")
+        done = [tag(args, k) for k in keys
+                if (folder / "checkpoints" / tag(args, k) / "latest").is_file()]
         if done:
             print(f"export to Hugging Face: python -m megatron_hybridnorm.hf export "
                   f"{folder}/checkpoints/{done[0]} {folder}/hf-{done[0]}")
     dist.teardown()
     return 0
+
+
+ONE_SEED_NOTE = (
+    "\nOne seed cannot rank schemes whose losses differ by hundredths of a nat: this run shows\n"
+    "the machinery and the gradient flow. For the ranking, with seeds and 95% intervals:\n"
+    "  hybridnorm-train --preset paper-small")
 
 
 def print_samples(samples: dict, prompt: list[int], as_bytes: bool) -> None:

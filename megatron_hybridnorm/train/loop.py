@@ -13,13 +13,12 @@ import torch
 from . import checkpoint
 from .data import Corpus, get_batch
 from .model import build, unwrap
-
-VAL_SEED_OFFSET = 7919  # validation windows come from their own generator stream
+from .runs import RunKey, run_args
 
 
 @dataclass
 class Outcome:
-    scheme: str
+    key: RunKey
     diverged_step: int | None = None
     interrupted_at: int | None = None
 
@@ -79,12 +78,14 @@ def layer_grad_norms(ddp, num_layers: int, device) -> list[float]:
 
 
 class SchemeRun:
-    """Builds one scheme's model and trains it; logs through ``log`` (a report.RunLog)."""
+    """Builds one run's model (a scheme under a seed and a peak learning rate) and trains it;
+    logs through ``log`` (a log.RunLog)."""
 
-    def __init__(self, args, scheme: str, corpus: Corpus, log, device, ckpt_dir):
-        self.args, self.scheme, self.corpus, self.log = args, scheme, corpus, log
-        self.device, self.ckpt_dir = device, ckpt_dir
-        self.ddp, self.optimizer, self.scheduler, self.config = build(args, scheme, corpus.vocab_size)
+    def __init__(self, args, key: RunKey, corpus: Corpus, log, device, ckpt_dir, name: str):
+        self.args, self.key, self.corpus, self.log = run_args(args, key), key, corpus, log
+        self.device, self.ckpt_dir, self.name = device, ckpt_dir, name
+        self.ddp, self.optimizer, self.scheduler, self.config = build(
+            self.args, key.scheme, corpus.vocab_size)
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         self.fwd_bwd = get_forward_backward_func()
@@ -107,7 +108,7 @@ class SchemeRun:
         self.ddp.eval()
         with torch.no_grad():
             values = [
-                self._run_batch(*get_batch(self.corpus.val, self.args.seed + VAL_SEED_OFFSET, i,
+                self._run_batch(*get_batch(self.corpus.val, self.args.val_seed, i,
                                            self.args.batch_size, self.args.seq_len), True)
                 for i in range(self.args.eval_batches)
             ]
@@ -149,9 +150,9 @@ class SchemeRun:
 
     def train(self, progress) -> Outcome:
         args = self.args
-        outcome = Outcome(self.scheme)
+        outcome = Outcome(self.key)
         if self.step == 0:
-            self.log.metrics(self.scheme, 0, val_loss=self.evaluate())
+            self.log.metrics(self.key, 0, val_loss=self.evaluate())
         tokens_per_step = args.batch_size * args.seq_len
         with _StopOnInterrupt() as stop:
             while self.step < args.steps:
@@ -163,7 +164,7 @@ class SchemeRun:
                 loss = self._run_batch(tokens, labels, forward_only=False)
                 next_step = self.step + 1
                 if next_step in args.grad_flow_steps:
-                    self.log.grad_flow(self.scheme, next_step,
+                    self.log.grad_flow(self.key, next_step,
                                        layer_grad_norms(self.ddp, args.layers, self.device))
                 _, grad_norm, _ = self.optimizer.step()
                 self.scheduler.step(1)
@@ -174,16 +175,16 @@ class SchemeRun:
                 evaluate = not diverged and (self.step % args.eval_interval == 0
                                              or self.step == args.steps)
                 self.log.metrics(
-                    self.scheme, self.step, train_loss=loss, grad_norm=grad_norm,
+                    self.key, self.step, train_loss=loss, grad_norm=grad_norm,
                     tokens_per_s=tokens_per_step / dt, lr=self.scheduler.get_lr(
                         self.optimizer.param_groups[0]),
                     val_loss=self.evaluate() if evaluate else None,
                 )
-                progress.update(self.scheme, self.step, loss)
+                progress.update(self.step, loss)
                 if diverged:
                     outcome.diverged_step = self.step
-                    self.log.note(f"{self.scheme}: loss or gradient became non-finite at step "
-                                  f"{self.step}: diverged; going on with the other schemes")
+                    self.log.note(f"{self.name}: loss or gradient became non-finite at step "
+                                  f"{self.step}: diverged; going on with the other runs")
                     return outcome
                 if stop.requested(self.device):
                     outcome.interrupted_at = self.step

@@ -38,7 +38,7 @@ def transformer_config(args):
         bias_dropout_fusion=False,
         gradient_accumulation_fusion=False,
     )
-    return apply_small_init(config)
+    return apply_small_init(config, args.init_truncation)
 
 
 def build(args, scheme: str, vocab_size: int):
@@ -92,6 +92,9 @@ def build(args, scheme: str, vocab_size: int):
             params_dtype=config.params_dtype,
         ),
         [ddp],
+        # no overrides: every parameter decays, as the official configs' decay_norm_and_bias;
+        # None: Megatron's standard overrides, which exempt biases and 1-D parameters
+        config_overrides={} if args.decay_norm_and_bias else None,
     )
     scheduler = OptimizerParamScheduler(
         optimizer,
