@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Shared by the launch scripts here: builds Megatron-LM pretrain_gpt.py arguments from the
-# environment and starts one node's processes with torchrun.
+# Shared by the launch scripts here: builds Megatron-LM pretrain_gpt.py (or pretrain_hybrid.py)
+# arguments from the environment and starts one node's processes with torchrun.
 #
 #   MEGATRON_LM   a Megatron-LM checkout at core_v0.19.x (default /opt/Megatron-LM, as in docker/)
 #   GPUS_PER_NODE (8)  NNODES (1)  NODE_RANK (0)  MASTER_ADDR (localhost)  MASTER_PORT (29500)
@@ -25,6 +25,11 @@ set -euo pipefail
 
 die() { echo "error: $*" >&2; exit 2; }
 
+# the training script and its entry points: pretrain_gpt.py (GPTModel), or pretrain_hybrid.py
+# (HybridModel) once hybrid_args has run
+PRETRAIN=pretrain_gpt.py
+SPEC_MODULE=megatron_hybridnorm.entrypoints
+
 # --spec: the scheme's entry point; the only flag that differs between a scheme and its baseline
 spec_args() {
   case "$1" in
@@ -32,8 +37,36 @@ spec_args() {
     hybridnorm_star) ;;
     *) die "unknown scheme '$1'" ;;
   esac
-  ARGS+=(--spec megatron_hybridnorm.entrypoints "$1")
+  ARGS+=(--spec "$SPEC_MODULE" "$1")
   SPEC_SCHEME=$1
+}
+
+# the paper's dense 1.2B model and its optimizer (the number of layers is the caller's: 16 GPT
+# layers, or the HybridModel pattern's)
+dense_1p2b_args() {
+  ARGS+=(
+    --hidden-size 2048 --ffn-hidden-size 8192
+    --num-attention-heads 32 --group-query-attention --num-query-groups 8
+    --seq-length 4096 --max-position-embeddings 4096
+    --position-embedding-type rope --rotary-base 500000
+    --swiglu --disable-bias-linear --normalization RMSNorm --norm-epsilon 1e-5
+    --attention-dropout 0.0 --hidden-dropout 0.0
+    --init-method-std 0.01398            # SmallInit: sqrt(2 / (5 * 2048))
+    --micro-batch-size 4 --global-batch-size 1024
+    --train-iters "${TRAIN_ITERS:-238419}"  # 1e12 tokens / (1024 * 4096)
+    --lr 3e-4 --min-lr 3e-5 --lr-decay-style cosine
+    --lr-warmup-iters 2000               # 8.39B tokens
+    --adam-beta1 0.9 --adam-beta2 0.95 --weight-decay 0.1 --clip-grad 1.0 --bf16
+  )
+}
+
+# HybridModel: pretrain_hybrid.py with a layer pattern (* attention, - MLP, E MoE, M Mamba,
+# | a pipeline split); the pattern sets the number of layers
+hybrid_args() {  # $1: the pattern
+  [ -n "$1" ] || die "the hybrid layer pattern is empty"
+  PRETRAIN=pretrain_hybrid.py
+  SPEC_MODULE=megatron_hybridnorm.hybrid.entrypoints
+  ARGS+=(--hybrid-layer-pattern "$1")
 }
 
 check_args() {  # the check of this job's scheme, layout and backend (CHECK=1)
@@ -106,12 +139,12 @@ launch() {
     fi
   fi
   if [ "${DRY_RUN:-0}" = 1 ]; then
-    echo "# ${torchrun[*]} pretrain_gpt.py"
+    echo "# ${torchrun[*]} $PRETRAIN"
     printf '%s\n' "${ARGS[@]}"
     return
   fi
-  [ -f "$MEGATRON_LM/pretrain_gpt.py" ] || die "MEGATRON_LM=$MEGATRON_LM has no pretrain_gpt.py"
+  [ -f "$MEGATRON_LM/$PRETRAIN" ] || die "MEGATRON_LM=$MEGATRON_LM has no $PRETRAIN"
   export CUDA_DEVICE_MAX_CONNECTIONS=1
   cd "$MEGATRON_LM"
-  exec "${torchrun[@]}" pretrain_gpt.py "${ARGS[@]}"
+  exec "${torchrun[@]}" "$PRETRAIN" "${ARGS[@]}"
 }

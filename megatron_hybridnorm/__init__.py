@@ -1,5 +1,6 @@
 """HybridNorm and HybridNorm* (arXiv 2503.04598) for Megatron-Core, with baselines."""
 
+from .hybrid import get_hybrid_stack_spec
 from .init import apply_small_init
 from .schemes import SCHEMES, LayerNorms, Scheme, get_scheme
 from .specs import get_decoder_block_spec, get_layer_spec
@@ -14,6 +15,7 @@ __all__ = [
     "SchemeConfigError",
     "apply_small_init",
     "get_decoder_block_spec",
+    "get_hybrid_stack_spec",
     "get_layer_spec",
     "get_scheme",
 ]

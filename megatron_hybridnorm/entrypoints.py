@@ -86,7 +86,8 @@ def untested_notes(scheme: str, config, args) -> list[str]:
     return []
 
 
-def check_load_matches(scheme: str, options: dict, path: str | None) -> None:
+def check_load_matches(scheme: str, options: dict, path: str | None,
+                       module: str = "megatron_hybridnorm.entrypoints") -> None:
     """Refuse, before the model exists, to resume a checkpoint of another scheme.
 
     megatron-core's loader writes some tensors into the model in place before it finds the
@@ -105,12 +106,12 @@ def check_load_matches(scheme: str, options: dict, path: str | None) -> None:
     want_fraction = options.get("mixln_fraction", get_scheme(scheme).head_fraction)
     same = (found.scheme == scheme and found.qkv_norm == want_qkv
             and (get_scheme(scheme).head_fraction is None
-                 or round(found.mixln_fraction * found.num_layers)
-                 == int(want_fraction * found.num_layers)))
+                 or round(found.mixln_fraction * found.num_blocks)
+                 == int(want_fraction * found.num_blocks)))
     if not same:
         raise SchemeMismatchError(
             f"--load {path} holds {str(found).splitlines()[0].removeprefix('scheme: ')}, but "
-            f"--spec megatron_hybridnorm.entrypoints {scheme}"
+            f"--spec {module} {scheme}"
             f"{f' (qkv_norm={want_qkv})' if want_qkv else ''} builds another model: pass the "
             "checkpoint's scheme, or another --load"
         )

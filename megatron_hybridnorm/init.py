@@ -30,10 +30,14 @@ def small_init_std(hidden_size: int) -> float:
     return math.sqrt(2.0 / (5.0 * hidden_size))
 
 
-def apply_small_init(config: TransformerConfig, truncation: float = TRUNCATION) -> TransformerConfig:
-    """Set ``config``'s init methods to SmallInit, in place; returns ``config``."""
+def apply_small_init(config: TransformerConfig, truncation: float = TRUNCATION, *,
+                     blocks: int | None = None) -> TransformerConfig:
+    """Set ``config``'s init methods to SmallInit, in place; returns ``config``.
+
+    The output projections' std / sqrt(2 L) counts attention + FFN blocks: ``config.num_layers``
+    for a GPTModel; pass ``blocks`` for a HybridModel, whose layers are single sublayers."""
     std = small_init_std(config.hidden_size)
-    out_std = std / math.sqrt(2.0 * config.num_layers)
+    out_std = std / math.sqrt(2.0 * (blocks or config.num_layers))
     config.init_method_std = std
     config.embedding_init_method_std = std
     config.init_method = truncated_normal(std, truncation)

@@ -52,6 +52,12 @@ class Finding:
     qkv_norm: str | None = None
     mixln_fraction: float | None = None
     layers: list[frozenset[str]] | None = None
+    pattern: str | None = None  # a HybridModel's layer pattern, pipeline splits not shown
+
+    @property
+    def num_blocks(self) -> int:
+        """What Mix-LN's fraction counts: layers of a GPT model, attention layers of a hybrid."""
+        return self.pattern.count("*") if self.pattern else self.num_layers
 
     def __str__(self) -> str:
         if self.scheme is None:
@@ -63,9 +69,12 @@ class Finding:
         if self.qkv_norm:
             extra.append(f"qkv_norm={self.qkv_norm}")
         if self.mixln_fraction is not None:
-            extra.append(f"{round(self.mixln_fraction * self.num_layers)} Post-Norm layers")
+            extra.append(f"{round(self.mixln_fraction * self.num_blocks)} Post-Norm "
+                         f"{'blocks' if self.pattern else 'layers'}")
         shown = f" ({', '.join(extra)})" if extra else ""
-        return (f"scheme: {self.scheme}{shown}, {self.num_layers} layers\n"
+        where = (f"HybridModel, pattern {self.pattern!r}" if self.pattern
+                 else f"{self.num_layers} layers")
+        return (f"scheme: {self.scheme}{shown}, {where}\n"
                 f"  {get_scheme(self.scheme).summary}")
 
 
@@ -82,24 +91,63 @@ def match(layers: list[frozenset[str]], moe: list[bool]) -> tuple[str | None, fl
     return None, None
 
 
+def match_pattern(layers: dict[int, frozenset[str]], pattern: str
+                  ) -> tuple[str | None, float | None]:
+    """The first scheme whose layouts on a hybrid ``pattern`` give exactly these norm keys on
+    its attention, MLP and MoE layers (megatron-core's own layers, such as Mamba, not compared)."""
+    from .hybrid.layouts import pattern_layouts
+    from .validate import SchemeConfigError
+
+    n = pattern.count("*")
+    for name in SCHEMES:
+        s = get_scheme(name)
+        for f in [None] if s.head_fraction is None else [k / n for k in range(n + 1)] if n else []:
+            try:
+                placed = pattern_layouts(name, pattern, f)
+            except SchemeConfigError:
+                continue
+            if all(layer_norm_keys(p.norms, p.symbol == "E") == layers.get(i, frozenset())
+                   for i, p in enumerate(placed) if p.norms is not None):
+                return name, f
+    return None, None
+
+
 @dataclass
 class _Layers:
-    """Each layer's norm weights (checkpoint names) and whether it is an MoE layer."""
+    """Each layer's norm weights (checkpoint names), whether it is an MoE layer, and for a
+    HybridModel each layer's pattern symbol."""
 
     norms: dict[int, frozenset[str]]
     moe: dict[int, bool]
     num_layers: int
     qkv_norm: str | None
+    pattern: str | None = None
+
+
+def _symbol(rests: set[str]) -> str:
+    """A hybrid layer's pattern symbol from its parameter names ("G" also for a GPT layer)."""
+    attention = any(r.startswith("self_attention.linear_qkv.") for r in rests)
+    mlp = any(r.startswith("mlp.") for r in rests)
+    if any(r.startswith("mixer.") for r in rests):
+        return "M"
+    if attention and not mlp:
+        return "*"
+    if mlp and not any(r.startswith("self_attention.") for r in rests):
+        return "E" if any(r.startswith("mlp.router.") for r in rests) else "-"
+    return "G"
 
 
 def _collect(shapes: dict[str, tuple]) -> _Layers:
     per_layer: dict[int, set[str]] = {}
+    names: dict[int, set[str]] = {}  # every parameter of each indexed layer
+    hybrid = False
     stacked: set[str] = set()
     moe_layers: set[int] = set()
     stacked_moe = False
     num_layers = 0
     widths = {}
     for key, shape in shapes.items():
+        hybrid |= key.startswith("decoder.final_norm.")  # GPTModel's is final_layernorm
         m = _LAYER.match(key)
         if not m:
             continue
@@ -108,6 +156,7 @@ def _collect(shapes: dict[str, tuple]) -> _Layers:
             num_layers = max(num_layers, shape[0]) if shape else num_layers
         else:
             per_layer.setdefault(int(index), set())
+            names.setdefault(int(index), set()).add(rest)
         if rest.startswith("mlp.router."):
             if index is None:
                 stacked_moe = True
@@ -124,14 +173,22 @@ def _collect(shapes: dict[str, tuple]) -> _Layers:
     qkv = None if q is None else (
         "full" if q == widths.get("self_attention.linear_proj.weight") else "head")
     indices = range(num_layers) if stacked or not per_layer else sorted(per_layer)
+    symbols = {i: _symbol(r) for i, r in names.items()}
+    hybrid |= not stacked and any(v in "*-E" for v in symbols.values())
+    pattern = "".join(symbols.get(i, "?") for i in range(num_layers)) if hybrid else None
     return _Layers({i: frozenset(stacked | per_layer.get(i, set())) for i in indices},
-                   {i: stacked_moe or i in moe_layers for i in indices}, num_layers, qkv)
+                   {i: stacked_moe or i in moe_layers for i in indices}, num_layers, qkv, pattern)
 
 
 def detect_from_keys(shapes: dict[str, tuple]) -> Finding:
     """From global dist-checkpoint keys (optimizer entries ignored) and their shapes."""
     c = _collect(shapes)
     layers = [c.norms.get(i, frozenset()) for i in range(c.num_layers)]
+    if c.pattern is not None:
+        scheme, fraction = (match_pattern(c.norms, c.pattern) if "?" not in c.pattern
+                            else (None, None))
+        return Finding(scheme, c.num_layers, c.qkv_norm if scheme else None, fraction, layers,
+                       c.pattern)
     scheme, fraction = match(layers, [c.moe.get(i, False) for i in range(c.num_layers)])
     return Finding(scheme, c.num_layers, c.qkv_norm if scheme else None, fraction, layers)
 
@@ -146,7 +203,8 @@ def layer_checkpoint_params(model) -> dict:
         while not hasattr(chunk, "decoder") and hasattr(chunk, "module"):
             chunk = chunk.module  # DDP, Float16Module
         for layer in chunk.decoder.layers:
-            keys_map = layer.submodules_config.sharded_state_dict_keys_map
+            keys_map = getattr(getattr(layer, "submodules_config", None),
+                               "sharded_state_dict_keys_map", None) or {}
             prefix = f"decoder.layers.{layer.layer_number - 1}."
             for name, p in layer.named_parameters():
                 for old, new in keys_map.items():

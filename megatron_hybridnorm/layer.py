@@ -64,7 +64,8 @@ class HybridTransformerLayer(TransformerLayer):
                 m.reports_itself = False
         report_after_first_forward(self, self._report_label)
         pre_mlp = self.pre_mlp_layernorm
-        if self._fuses_add(pre_mlp) and getattr(pre_mlp, "returns_residual", False):
+        if (self._fuses_add(pre_mlp) and getattr(pre_mlp, "returns_residual", False)
+                and not isinstance(self.self_attention, IdentityOp)):  # an FFN-only layer adds nothing
             self.self_attn_bda = self._hand_over_bda
 
     def _report_label(self) -> str:

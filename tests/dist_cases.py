@@ -9,6 +9,7 @@ import torch
 from megatron_hybridnorm.check.training import (  # noqa: F401 - what the tests call
     build_chunks,
     case_config,
+    eval_loss,
     layer_slots,
     load_and_eval,
     save_and_eval,
@@ -99,3 +100,18 @@ def check_commands(argvs: list[list[str]]) -> list[tuple[int, dict | None]]:
                 report = json.load(f)
         results.append((code, report))
     return results
+
+
+def load_gpt_into_hybrid_and_eval(cases: list[dict], root: str, pattern: str) -> list[float]:
+    """Each case's GPT checkpoint (saved by ``save_and_eval``) loaded into the HybridModel of
+    the same scheme on ``pattern``, at this rank's layout; its loss on the test batch."""
+    from megatron_hybridnorm.hybrid.gpt_checkpoint import load_gpt_checkpoint
+
+    losses = []
+    for i, case in enumerate(cases):
+        hybrid = dict(case, pattern=pattern, config=dict(case.get("config", {}),
+                                                         num_layers=len(pattern)))
+        [model] = build_chunks(case_config(hybrid), hybrid)
+        load_gpt_checkpoint(model, f"{root}/case{i}", pattern)
+        losses.append(eval_loss([model]))
+    return losses

@@ -31,6 +31,12 @@ def test_readme_scheme_table_is_the_scheme_descriptions():
         assert f"| `{name}` |" in readme and SCHEME_TABLE[name].form
 
 
+# the README examples' paper-sized settings, and the small ones the tests build
+SMALL = {"hidden_size=2048": "hidden_size=64", "num_attention_heads=32": "num_attention_heads=4",
+         "num_query_groups=8": "num_query_groups=2", "ffn_hidden_size=8192": "ffn_hidden_size=128",
+         "vocab_size=100352": "vocab_size=128", "max_sequence_length=4096": "max_sequence_length=16"}
+
+
 def test_readme_gptmodel_example_builds(megatron_single_rank):
     """The README's Python example, at a smaller size (its config is the paper's 1.2B): the
     model it builds is HybridNorm* with tied embeddings."""
@@ -41,11 +47,7 @@ def test_readme_gptmodel_example_builds(megatron_single_rank):
     readme = (ROOT / "README.md").read_text()
     code = re.search(r"## Using the specs in your own Megatron code\n\n```python\n(.*?)```",
                      readme, re.S).group(1)
-    small = {"num_layers=16": "num_layers=2", "hidden_size=2048": "hidden_size=64",
-             "num_attention_heads=32": "num_attention_heads=4", "num_query_groups=8":
-             "num_query_groups=2", "ffn_hidden_size=8192": "ffn_hidden_size=128",
-             "vocab_size=100352": "vocab_size=128", "max_sequence_length=4096":
-             "max_sequence_length=16"}
+    small = {"num_layers=16": "num_layers=2", **SMALL}
     for big, little in small.items():
         assert big in code, big
         code = code.replace(big, little)
@@ -54,3 +56,32 @@ def test_readme_gptmodel_example_builds(megatron_single_rank):
     model = namespace["model"]
     assert model.share_embeddings_and_output_weights
     assert detect_scheme(model).scheme == "hybridnorm_star"
+
+
+def test_readme_hybridmodel_example_builds(megatron_single_rank):
+    """The README's HybridModel example, at a smaller size, after the GPTModel example's
+    imports: HybridNorm* on a ``*-`` pattern, SmallInit counting blocks."""
+    import math
+    import re
+
+    import torch
+
+    from megatron_hybridnorm.inspect import detect_scheme
+
+    readme = (ROOT / "README.md").read_text()
+    gpt = re.search(r"## Using the specs in your own Megatron code\n\n```python\n(.*?)```",
+                    readme, re.S).group(1)
+    code = re.search(r"## HybridModel: .*?```python\n(.*?)```", readme, re.S).group(1)
+    small = {'"*-" * 16': '"*-" * 2', **SMALL}
+    for big, little in small.items():
+        assert big in code, big
+        code = code.replace(big, little)
+    imports = "\n".join(line for line in gpt.splitlines() if line.startswith(("import", "from")))
+    namespace = {}
+    exec(compile(imports + "\n" + code, "README.md", "exec"), namespace)
+    model, config = namespace["model"], namespace["config"]
+    found = detect_scheme(model)
+    assert (found.scheme, found.pattern) == ("hybridnorm_star", "*-*-")
+    w = torch.empty(2000, 2000)
+    config.output_layer_init_method(w)  # std / sqrt(2 * 2 blocks), not 4 layers
+    assert abs(w.std().item() / (math.sqrt(2 / (5 * 64)) / 2) - 1) < 0.05

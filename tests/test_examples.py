@@ -88,7 +88,33 @@ def test_moe_1b7b_variants_are_valid_megatron_lm_arguments(monkeypatch, env, wor
     assert args.expert_model_parallel_size == int(env.get("EP", 8))
 
 
-@pytest.mark.parametrize("script", ["train_dense_1p2b.sh", "train_moe_1b7b.sh"])
+HYBRID = [({}, 8, "*-" * 16), ({"PP": "2"}, 8, "*-" * 8 + "|" + "*-" * 8),
+          ({"TP": "2", "SP": "1", "FP8": "tensorwise"}, 8, "*-" * 16),
+          ({"IMPL": "local", "PATTERN": "*-*-*-*-|*-*-*-*-*-*-*-*-*-*-*-*-", "PP": "2"}, 8,
+           "*-*-*-*-|*-*-*-*-*-*-*-*-*-*-*-*-")]
+
+
+@pytest.mark.parametrize("env,world,pattern", HYBRID, ids=[str(e) for e, _, _ in HYBRID])
+def test_hybrid_dense_1p2b_variants_are_valid_megatron_lm_arguments(monkeypatch, env, world,
+                                                                    pattern):
+    head, argv = pretrain_args("train_hybrid_dense_1p2b.sh", **env)
+    assert head.endswith(" pretrain_hybrid.py")
+    args = validated(argv, world, monkeypatch)
+    assert args.spec == ["megatron_hybridnorm.hybrid.entrypoints", "hybridnorm_star"]
+    assert args.hybrid_layer_pattern == pattern and args.num_layers == 32  # 16 '*-' blocks
+    assert (args.hidden_size, args.num_attention_heads, args.num_query_groups,
+            args.ffn_hidden_size, args.seq_length) == (2048, 32, 8, 8192, 4096)
+    assert args.pipeline_model_parallel_size == int(env.get("PP", 1))
+    assert args.transformer_impl == env.get("IMPL", "transformer_engine")
+
+
+def test_hybrid_pattern_must_split_evenly():
+    out = dry_run("train_hybrid_dense_1p2b.sh", PP="3")
+    assert out.returncode == 2 and "PP=3 does not divide the 16 blocks" in out.stderr
+
+
+@pytest.mark.parametrize("script", ["train_dense_1p2b.sh", "train_moe_1b7b.sh",
+                                    "train_hybrid_dense_1p2b.sh"])
 def test_baseline_differs_only_in_spec(script):
     _, star = pretrain_args(script)
     _, base = pretrain_args(script, "prenorm")

@@ -61,6 +61,31 @@ def build_gpt(config, scheme, *, pre_process=True, post_process=True, vp_stage=N
     )
 
 
+def build_hybrid(config, scheme, pattern, *, pre_process=True, post_process=True, vp_stage=None,
+                 use_transformer_engine=False, **options):
+    """This pipeline (and virtual pipeline) stage of a HybridModel of ``scheme`` on ``pattern``
+    (``|`` splits it into pipeline stages)."""
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+    from ..hybrid import get_hybrid_stack_spec
+
+    spec = get_hybrid_stack_spec(config, scheme, pattern,
+                                 use_transformer_engine=use_transformer_engine, **options)
+    return HybridModel(
+        config=config,
+        hybrid_stack_spec=spec,
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ,
+        hybrid_layer_pattern=pattern,
+        position_embedding_type="rope",
+        rotary_base=500000,
+        share_embeddings_and_output_weights=False,
+        pre_process=pre_process,
+        post_process=post_process,
+        vp_stage=vp_stage,
+    )
+
+
 def randomize_norms(model, seed=7):
     """Norm weights that are not 1 (and LayerNorm biases that are not 0), drawn per global
     parameter name: the same values at any TP/PP layout."""

@@ -2,7 +2,8 @@
 forward-backward schedule, and checkpointing it: what the check command and the multi-process
 tests run on every rank.
 
-A *case* is a dict: ``scheme``; ``qkv_norm``; ``sp``; ``groups`` (query groups);
+A *case* is a dict: ``scheme``; ``pattern`` (a HybridModel's layer pattern; GPTModel without);
+``qkv_norm``; ``sp``; ``groups`` (query groups);
 ``qk_layernorm``; ``config`` (TransformerConfig overrides); ``microbatches`` (2 sequences each,
 split over data-parallel ranks, or whole on each with ``replicate_batch``);
 ``distributed_optimizer``; ``ddp`` (DistributedDataParallelConfig overrides);
@@ -17,7 +18,7 @@ import torch
 
 from ..layout_init import global_name, layout_invariant_init
 from . import faults
-from .models import batch, build_gpt, gather_full, randomize_norms, small_config
+from .models import batch, build_gpt, build_hybrid, gather_full, randomize_norms, small_config
 
 
 def device() -> torch.device:
@@ -33,10 +34,12 @@ def _identical(tensor, group) -> bool:
 
 def layer_slots(layer) -> tuple:
     """What actually sits in a built layer's norm slots (class names; None where absent)."""
-    att = layer.self_attention
+    att = getattr(layer, "self_attention", None)  # an FFN-only layer of a HybridModel: Identity
     name = lambda m: None if m is None else type(m).__name__  # noqa: E731
-    return (name(layer.input_layernorm), name(att.q_layernorm), name(att.k_layernorm),
-            name(att.v_layernorm), name(layer.pre_mlp_layernorm), name(layer.post_mlp_layernorm))
+    slot = lambda m, n: name(getattr(m, n, None))  # noqa: E731
+    return (slot(layer, "input_layernorm"), slot(att, "q_layernorm"), slot(att, "k_layernorm"),
+            slot(att, "v_layernorm"), slot(layer, "pre_mlp_layernorm"),
+            slot(layer, "post_mlp_layernorm"))
 
 
 def build_chunks(config, case):
@@ -50,7 +53,9 @@ def build_chunks(config, case):
     chunks = []
     for vp in range(vpp or 1):
         stage = vp if vpp else None
-        model = build_gpt(
+        build = (partial(build_hybrid, pattern=case["pattern"]) if case.get("pattern")
+                 else build_gpt)
+        model = build(
             config, case["scheme"], vp_stage=stage,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),

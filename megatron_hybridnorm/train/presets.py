@@ -19,4 +19,12 @@ PRESETS = {
         flags=dict(schemes="prenorm,hybridnorm,hybridnorm_star", seeds=3, steps=1000,
                    eval_interval=100, eval_batches=8),
     ),
+    "lr-sweep": Preset(
+        help="stability: Pre-Norm, Post-Norm, HybridNorm and HybridNorm* at peak learning rates "
+             "1e-3 to 1e-1 on a deeper, narrower model (12 layers, d 128), a few minutes on a "
+             "2-core CPU",
+        flags=dict(schemes="prenorm,postnorm,hybridnorm,hybridnorm_star",
+                   lr_sweep="1e-3,3e-3,1e-2,3e-2,1e-1", layers=12, hidden=128, heads=4,
+                   kv_heads=2, steps=100, eval_interval=25),
+    ),
 }

@@ -1,0 +1,8 @@
+"""The norm schemes on megatron-core's ``HybridModel``: a decoder given as a layer pattern
+(``*`` attention, ``-`` MLP, ``E`` MoE, ``M`` Mamba, ``|`` a pipeline split)."""
+
+from .layouts import PatternLayer, pattern_layouts
+from .specs import get_hybrid_stack_spec
+from .stack import HybridNormStack
+
+__all__ = ["HybridNormStack", "PatternLayer", "get_hybrid_stack_spec", "pattern_layouts"]

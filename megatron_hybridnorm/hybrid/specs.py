@@ -1,0 +1,130 @@
+"""Layer and stack specs for megatron-core's ``HybridModel``, built from the scheme tables.
+
+Each attention, MLP and MoE layer of the pattern is this package's GPT layer spec
+(``specs.get_layer_spec``) for its half of the scheme's layout, with the other sublayer left
+out, so the norms, the Transformer Engine fusions and the checkpoint names are the GPT model's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+
+from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from ..layer import HybridTransformerLayer, SchemeMismatchError
+from ..schemes import LayerNorms, get_scheme
+from ..specs import backend, get_layer_spec
+from ..validate import SchemeConfigError, check_config, check_options
+from .layouts import ATTENTION, MOE, PatternLayer, half, pattern_layouts
+
+
+class PatternLayerModule(HybridTransformerLayer):
+    """A hybrid pattern's attention-only or FFN-only layer (``symbol``). Its checkpoint holds
+    its half of the layout; a GPT checkpoint's layer holds both halves, and either loads."""
+
+    def __init__(self, *args, symbol: str = ATTENTION, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.symbol = symbol
+
+    def set_extra_state(self, state):
+        saved = (state or {}).get("norms")
+        if saved is not None and self.norms is not None:
+            theirs = half(LayerNorms(**saved), self.symbol)
+            if theirs != self.norms:
+                raise SchemeMismatchError(
+                    f"hybrid layer {self.layer_number - 1} ({self.symbol!r}) of the checkpoint "
+                    f"has the norms {asdict(theirs)}, this model's has {asdict(self.norms)}: the "
+                    "checkpoint was saved with another norm scheme or pattern "
+                    "(python -m megatron_hybridnorm.inspect <checkpoint> names it)")
+
+
+def pattern_layer_spec(layer: PatternLayer, *, num_experts: int | None = None,
+                       **layer_options) -> ModuleSpec:
+    """One pattern layer: the GPT layer spec of its norms, without the other sublayer."""
+    spec = get_layer_spec(layer.norms, num_experts=num_experts if layer.symbol == MOE else None,
+                          **layer_options)
+    sub = spec.submodules
+    if layer.symbol == ATTENTION:
+        sub = replace(sub, pre_mlp_layernorm=IdentityOp, mlp=IdentityOp, mlp_bda=IdentityFuncOp,
+                      post_mlp_layernorm=IdentityOp)
+    else:
+        sub = replace(sub, input_layernorm=IdentityOp, self_attention=IdentityOp,
+                      self_attn_bda=IdentityFuncOp)
+    return ModuleSpec(module=PatternLayerModule,
+                      params={**spec.params, "symbol": layer.symbol}, submodules=sub)
+
+
+def pattern_layer_specs(config: TransformerConfig, scheme: str, pattern: str, *,
+                        use_transformer_engine: bool = False,
+                        **options) -> dict[int, ModuleSpec]:
+    """The spec of every attention/MLP/MoE layer of ``pattern`` by global layer index; checks
+    the config, the options and the pattern against the scheme first."""
+    s = get_scheme(scheme)
+    opts = check_options(s, options)
+    layers = pattern_layouts(scheme, pattern, opts.get("mixln_fraction"))
+    ours = [lay.norms for lay in layers if lay.norms is not None]
+    check_config(config, s, ours, opts, use_transformer_engine)
+    if any(lay.symbol == MOE for lay in layers) and not config.num_moe_experts:
+        raise SchemeConfigError(f"hybrid layer pattern {pattern!r} has MoE layers ('E'); set "
+                                "num_moe_experts (--num-experts)")
+    te_ffn_norm = opts.get("te_ffn_norm", "te")
+    if te_ffn_norm == "in_linear" and any(lay.symbol == MOE and lay.norms.pre_mlp_is_residual
+                                          for lay in layers if lay.norms is not None):
+        raise SchemeConfigError('te_ffn_norm="in_linear" puts the norm inside a dense FFN\'s '
+                                'first linear; the pattern\'s MoE layers have none: use "te" or '
+                                '"fused_add"')
+    cache, specs = {}, {}
+    for i, lay in enumerate(layers):
+        if lay.norms is None:
+            continue
+        key = (lay.symbol, lay.norms)
+        if key not in cache:
+            cache[key] = pattern_layer_spec(
+                lay, num_experts=config.num_moe_experts, qkv_norm=opts["qkv_norm"],
+                moe_grouped_gemm=config.moe_grouped_gemm,
+                use_transformer_engine=use_transformer_engine, te_ffn_norm=te_ffn_norm,
+                use_te_activation_func=config.use_te_activation_func)
+        specs[i] = cache[key]
+    return specs
+
+
+def megatron_layer_specs() -> dict:
+    """megatron-core's own Mamba and gated-delta-net layers (Transformer Engine modules)."""
+    from megatron.core.models.hybrid.hybrid_layer_specs import hybrid_stack_spec
+
+    sub = hybrid_stack_spec.submodules
+    return {"mamba_layer": sub.mamba_layer, "gdn_layer": sub.gdn_layer}
+
+
+def get_hybrid_stack_spec(
+    config: TransformerConfig,
+    scheme: str,
+    hybrid_layer_pattern: str | None = None,
+    *,
+    use_transformer_engine: bool = False,
+    **options,
+) -> ModuleSpec:
+    """The decoder of a ``HybridModel`` for ``scheme``: pass it as ``hybrid_stack_spec``, with
+    the same ``hybrid_layer_pattern`` (e.g. ``"*-" * L`` for a GPT model's L layers).
+
+    The spec is checked here against the config and the pattern; each layer gets its norms by
+    its place in the whole pattern when the model builds it. Without a pattern, the stack takes
+    Megatron-LM's ``--hybrid-layer-pattern`` or, without a pipeline split, the layers it is
+    given. Options as ``get_decoder_block_spec``.
+    """
+    from .stack import HybridNormStack, HybridNormStackSubmodules
+
+    if hybrid_layer_pattern is not None:
+        pattern_layer_specs(config, scheme, hybrid_layer_pattern,
+                            use_transformer_engine=use_transformer_engine, **options)
+    else:
+        check_options(get_scheme(scheme), options)
+    return ModuleSpec(
+        module=HybridNormStack,
+        params={"scheme": scheme, "hybrid_layer_pattern": hybrid_layer_pattern,
+                "use_transformer_engine": use_transformer_engine, "options": dict(options)},
+        submodules=HybridNormStackSubmodules(
+            **megatron_layer_specs(), final_norm=backend(use_transformer_engine).norm),
+    )
