@@ -190,7 +190,7 @@ def test_star_dash_hybrid_model_equals_the_gpt_model(megatron_single_rank, schem
     assert any("layernorm" in n for n in errs) and len(errs) == len(gh)
 
 
-@pytest.mark.parametrize("scheme", ["hybridnorm", "hybridnorm_star", "postnorm", "mixln"])
+@pytest.mark.parametrize("scheme", mh.SCHEMES)
 def test_star_e_hybrid_model_equals_the_gpt_moe_model(megatron_single_rank, scheme):
     moe = {**MOE, "moe_layer_freq": 1}
     gpt, hyb = gpt_and_hybrid(scheme, "*E" * L, **moe)
@@ -200,6 +200,40 @@ def test_star_e_hybrid_model_equals_the_gpt_moe_model(megatron_single_rank, sche
     errs = {n: rel_err(gh[hybrid_name(n)], g) for n, g in gg.items()}
     assert max(errs.values()) < 1e-5, errs
     assert any(".router." in n for n in errs)
+
+
+@pytest.mark.parametrize("scheme", mh.SCHEMES)
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_te_pattern_layers_are_the_te_gpt_layers_halves(monkeypatch, scheme, moe):
+    """On Transformer Engine (its classes are megatron-core's stand-ins where TE is missing):
+    each '*' layer holds the TE GPT layer's attention slots, each '-'/'E' layer its FFN slots
+    (pre-norms fused into the next linear alike), and the final norm is TE's."""
+    from test_te_spec import te_slots
+
+    monkeypatch.setattr(mh.specs, "HAVE_TE", True)
+    extra = {**MOE, "moe_layer_freq": 1} if moe else {}
+    gpt = mh.get_decoder_block_spec(tiny_config(num_layers=L, **extra), scheme,
+                                    use_transformer_engine=True).layer_specs
+    pattern = ("*E" if moe else "*-") * L
+    hyb = pattern_layer_specs(tiny_config(num_layers=2 * L, **extra), scheme, pattern,
+                              use_transformer_engine=True)
+    for i, spec in enumerate(gpt):
+        want = te_slots(spec)
+        att, ffn = hyb[2 * i].submodules, hyb[2 * i + 1].submodules
+        a = att.self_attention.submodules
+        assert dict(input=att.input_layernorm, qkv=a.linear_qkv, core=a.core_attention,
+                    proj=a.linear_proj, q=a.q_layernorm, k=a.k_layernorm, v=a.v_layernorm) == {
+            k: want[k] for k in ("input", "qkv", "core", "proj", "q", "k", "v")}, (scheme, i)
+        fc = ffn.mlp
+        fc = (fc.keywords["submodules"].linear_fc1, fc.keywords["submodules"].linear_fc2) \
+            if not moe else ("moe",)
+        assert (ffn.pre_mlp_layernorm, fc, ffn.post_mlp_layernorm) == (
+            want["pre_mlp"], want["fc"], want["post_mlp"]), (scheme, i)
+        keys = {**att.sharded_state_dict_keys_map, **ffn.sharded_state_dict_keys_map}
+        assert keys == spec.submodules.sharded_state_dict_keys_map
+    stack = get_hybrid_stack_spec(tiny_config(num_layers=2 * L, **extra), scheme, pattern,
+                                  use_transformer_engine=True)
+    assert stack.submodules.final_norm is mh.norms.te.InterchangeableTENorm
 
 
 def test_moe_pattern_needs_experts():
@@ -275,6 +309,30 @@ def test_gpt_checkpoint_loads_into_the_hybrid_model(megatron_single_rank, tmp_pa
     other = build_hybrid(tiny_config(num_layers=2 * L), "prenorm_qknorm", GPT_LIKE)
     with pytest.raises(mh.layer.SchemeMismatchError, match="build it with the checkpoint's"):
         load_gpt_checkpoint(other, tmp_path, GPT_LIKE)
+
+
+def test_converted_gpt_checkpoint_saves_and_loads_as_a_hybrid_checkpoint(megatron_single_rank,
+                                                                          tmp_path):
+    """GPT checkpoint -> load_gpt_checkpoint -> save: a hybrid dist checkpoint that loads into a
+    fresh HybridModel the way Megatron-LM's --load does (its sharded state dict, strict)."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_hybridnorm.hybrid.gpt_checkpoint import load_gpt_checkpoint
+
+    gpt, _ = gpt_and_hybrid("hybridnorm_star")
+    (tmp_path / "gpt").mkdir()
+    dist_checkpointing.save(gpt.sharded_state_dict(), str(tmp_path / "gpt"))
+    hyb = build_hybrid(tiny_config(num_layers=2 * L), "hybridnorm_star", GPT_LIKE)
+    load_gpt_checkpoint(hyb, tmp_path / "gpt", GPT_LIKE)
+    (tmp_path / "hybrid").mkdir()
+    dist_checkpointing.save(hyb.sharded_state_dict(), str(tmp_path / "hybrid"))
+    assert detect_checkpoint(tmp_path / "hybrid").pattern == GPT_LIKE
+    fresh = build_hybrid(tiny_config(num_layers=2 * L), "hybridnorm_star", GPT_LIKE)
+    fresh.load_state_dict(dist_checkpointing.load(fresh.sharded_state_dict(),
+                                                  str(tmp_path / "hybrid")))
+    tokens, labels, pos = batch()
+    want = gpt(tokens, pos, None, labels=labels).mean().item()
+    assert abs(fresh(tokens, pos, None, labels=labels).mean().item() - want) <= 1e-6 * abs(want)
 
 
 # ---- Megatron-LM's pretrain_hybrid.py -----------------------------------------------------
