@@ -395,6 +395,14 @@ def test_pretrain_hybrid_entry_point_options_and_load_check(
         build_like_pretrain_hybrid("hybridnorm", GPT_LIKE, transformer_impl="local")
 
 
+def test_pretrain_hybrid_says_fsdp_with_tp_is_untested(megatron_single_rank, megatron_lm_args,
+                                                      capsys):
+    megatron_lm_args(hybrid_layer_pattern=GPT_LIKE, use_torch_fsdp2=True)
+    build_like_pretrain_hybrid("hybridnorm", GPT_LIKE, transformer_impl="local",
+                               tensor_model_parallel_size=2)
+    assert "--use-torch-fsdp2 with tensor parallelism is untested" in capsys.readouterr().out
+
+
 def test_pretrain_hybrid_without_te_names_the_flag(megatron_single_rank, megatron_lm_args):
     if mh.specs.HAVE_TE:
         pytest.skip("Transformer Engine is installed")

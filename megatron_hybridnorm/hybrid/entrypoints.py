@@ -14,7 +14,14 @@ from __future__ import annotations
 
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from ..entrypoints import _megatron_lm_load_path, _rank0, check_load_matches, options_from_env
+from ..entrypoints import (
+    _megatron_lm_args,
+    _megatron_lm_load_path,
+    _rank0,
+    check_load_matches,
+    options_from_env,
+    untested_notes,
+)
 from ..schemes import SCHEMES
 from .specs import megatron_layer_specs
 from .stack import HybridNormStack, HybridNormStackSubmodules
@@ -27,6 +34,7 @@ class MegatronLMHybridNormStack(HybridNormStack):
         use_te = getattr(config, "transformer_impl", "transformer_engine") == "transformer_engine"
         options, notes = options_from_env(scheme)
         check_load_matches(scheme, options, _megatron_lm_load_path(), __name__)
+        notes = notes + untested_notes(scheme, config, _megatron_lm_args())
         super().__init__(config, submodules, scheme=scheme, use_transformer_engine=use_te,
                          options=options, **kwargs)
         if _rank0():
