@@ -6,9 +6,9 @@ from dataclasses import dataclass, replace
 
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.transformer.torch_norm import LayerNormBuilder
 from megatron.core.typed_torch import apply_module
 
+from .compat import LayerNormBuilder, yarn_mscale
 from .kernels import (
     MAX_HEAD_DIM,
     full_row_fits,
@@ -159,7 +159,7 @@ class QKVNormSelfAttention(SelfAttention):
                 )
             if rope is not None:
                 hd = self.hidden_size_per_attention_head
-                common["rope"] = rope_tables(rope, mixed.shape[0], hd, self._yarn_concentration_factor)
+                common["rope"] = rope_tables(rope, mixed.shape[0], hd, yarn_mscale(self))
                 common["rope_interleaved"] = self.config.rotary_interleaved
             return fused_qkv_norm(
                 mixed,

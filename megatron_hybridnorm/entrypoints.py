@@ -1,8 +1,17 @@
 """Entry points for Megatron-LM: ``pretrain_gpt.py --spec megatron_hybridnorm.entrypoints <scheme>``.
 
-One callable per scheme. megatron-core 0.19's ``GPTModelBuilder`` calls it as
-``fn(config, vp_stage=vp_stage)`` with a ``GPTModelConfig``; it returns this stage's block spec,
-on Transformer Engine or local modules as ``--transformer-impl`` says.
+One entry point per scheme, the same ``--spec`` on every megatron-core version:
+
+- From 0.19, Megatron-LM's ``GPTModelBuilder`` calls it as ``fn(config, vp_stage=vp_stage)``
+  with a ``GPTModelConfig``; it returns this stage's block spec, on Transformer Engine or local
+  modules as ``--transformer-impl`` says.
+- Before 0.19 (``compat.SPEC_CALLABLES_ARE_CALLED`` false), Megatron-LM's ``gpt_builders.py``
+  hands the imported object to ``GPTModel`` as the layer spec itself. There the entry point is a
+  layer ``ModuleSpec`` (still callable as above) of ``SchemeLayer``, which builds each layer from
+  the scheme's spec for that layer's global position, so HybridNorm*'s first block and Mix-LN's
+  layers are right under any pipeline split. megatron-core then adds its own final norm
+  (``transformer_block.LayerNormImpl``: TE's, Apex's or torch's, whichever is installed); the
+  start-up line names it.
 
 Scheme options come from the environment, because ``--spec`` passes no arguments:
 
@@ -12,7 +21,7 @@ Scheme options come from the environment, because ``--spec`` passes no arguments
                                      residual: te (default), fused_add or in_linear
 
 An option that does not apply to the chosen scheme is reported on rank 0 and not used, so one
-environment can serve a HybridNorm run and its Pre-Norm baseline. Megatron-LM 0.19 logs an
+environment can serve a HybridNorm run and its Pre-Norm baseline. Megatron-LM before 0.20 logs an
 import failure of a ``--spec`` module and silently builds its default Pre-Norm model: look for
 the line ``megatron-hybridnorm: built ...`` at start-up, or check a checkpoint with
 ``python -m megatron_hybridnorm.inspect CHECKPOINT``. When ``--load`` holds a checkpoint of
@@ -23,6 +32,8 @@ from __future__ import annotations
 
 import os
 
+from .compat import SPEC_CALLABLES_ARE_CALLED
+from .layer import HybridTransformerLayer
 from .schemes import SCHEMES, get_scheme
 from .specs import get_decoder_block_spec
 
@@ -129,36 +140,102 @@ def check_megatron_lm_config(scheme: str, config) -> None:
 
     if getattr(config, "mtp_num_layers", None):
         raise SchemeConfigError(
-            f"norm scheme {scheme!r}: Megatron-LM 0.19 builds multi-token-prediction layers from "
-            "its default Pre-Norm spec, not from --spec, so they would not be this scheme's; "
+            f"norm scheme {scheme!r}: Megatron-LM (0.16 to 0.20) builds multi-token-prediction "
+            "layers from its default Pre-Norm spec, not from --spec, so they would not be this "
+            "scheme's; "
             "unset --mtp-num-layers (in your own code, pass GPTModel an mtp_block_spec built "
             "from megatron_hybridnorm.get_layer_spec)")
 
 
+def _start_up_line(scheme: str, options: dict, use_te: bool, what: str, notes: list[str]):
+    if _rank0():
+        shown = ", ".join(f"{k}={v}" for k, v in options.items())
+        print(f"megatron-hybridnorm: built {scheme}{f' ({shown})' if shown else ''} on "
+              f"{'transformer_engine' if use_te else 'local'} modules, {what}", flush=True)
+        for note in notes:
+            print(f"megatron-hybridnorm: {note}", flush=True)
+
+
+def _stage_spec(scheme: str, config, vp_stage: int | None):
+    """(this stage's block spec, options, notes, use_te), the checks done."""
+    check_megatron_lm_config(scheme, config)
+    use_te = getattr(config, "transformer_impl", "transformer_engine") == "transformer_engine"
+    options, notes = options_from_env(scheme)
+    check_load_matches(scheme, options, _megatron_lm_load_path())
+    notes = notes + untested_notes(scheme, config, _megatron_lm_args())
+    spec = get_decoder_block_spec(
+        config, scheme, use_transformer_engine=use_te, vp_stage=vp_stage, **options
+    )
+    return spec, options, notes, use_te
+
+
+def _megatron_final_norm(config):
+    """The final norm megatron-core builds for a layer spec before 0.19, refused where it
+    cannot run this configuration."""
+    from megatron.core.transformer.transformer_block import LayerNormImpl
+
+    from .validate import SchemeConfigError
+
+    name = LayerNormImpl.__name__
+    if name == "WrappedTorchNorm" and (config.sequence_parallel or config.persist_layer_norm):
+        raise SchemeConfigError(
+            "with this megatron-core's Megatron-LM, the final norm after a --spec layer spec is "
+            "megatron-core's WrappedTorchNorm (no Transformer Engine or Apex installed), which "
+            "refuses --sequence-parallel and persist_layer_norm: pass --no-persist-layer-norm "
+            "and drop --sequence-parallel, or install Transformer Engine")
+    return name
+
+
+_STAGES = {}  # (id(config), vp_stage) -> (config, _stage_spec(...)): once per stage, not per layer
+
+
+class SchemeLayer(HybridTransformerLayer):
+    """The layer of a scheme at its global position, for Megatron-LM before 0.19 (see the module
+    docstring). Constructing one returns the ``HybridTransformerLayer`` that the scheme's block
+    spec has at that position (``__new__`` returns it, so this class never has instances)."""
+
+    def __new__(cls, config, *args, scheme: str, layer_number: int = 1,
+                vp_stage: int | None = None, **kwargs):
+        from megatron.core.transformer.spec_utils import build_module
+
+        key = (id(config), vp_stage)
+        if layer_number == 1 or _STAGES.get(key, (None,))[0] is not config:
+            _STAGES[key] = (config, _stage_spec(scheme, config, vp_stage))
+        spec, options, notes, use_te = _STAGES[key][1]
+        if layer_number == 1:
+            final = _megatron_final_norm(config)
+            _start_up_line(scheme, options, use_te,
+                           f"{len(spec.layer_specs)} layers on this stage"
+                           f"{'' if vp_stage is None else f' (vp_stage {vp_stage})'}, final norm "
+                           f"megatron-core's {final} (a --spec layer spec before megatron-core "
+                           "0.19)", notes)
+        return build_module(spec.layer_specs[layer_number - 1], config, *args,
+                            layer_number=layer_number, vp_stage=vp_stage, **kwargs)
+
+
+def _layer_spec_entry_point(scheme: str, build):
+    """A ``ModuleSpec`` of ``SchemeLayer`` that can also be called like ``build``."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    class EntryPointSpec(ModuleSpec):
+        def __call__(self, config, vp_stage: int | None = None):
+            return build(config, vp_stage=vp_stage)
+
+    EntryPointSpec.__name__ = EntryPointSpec.__qualname__ = f"EntryPointSpec[{scheme}]"
+    return EntryPointSpec(module=SchemeLayer, params={"scheme": scheme})
+
+
 def _make(scheme: str):
     def build(config, vp_stage: int | None = None):
-        check_megatron_lm_config(scheme, config)
-        use_te = getattr(config, "transformer_impl", "transformer_engine") == "transformer_engine"
-        options, notes = options_from_env(scheme)
-        check_load_matches(scheme, options, _megatron_lm_load_path())
-        notes = notes + untested_notes(scheme, config, _megatron_lm_args())
-        spec = get_decoder_block_spec(
-            config, scheme, use_transformer_engine=use_te, vp_stage=vp_stage, **options
-        )
-        if _rank0():
-            shown = ", ".join(f"{k}={v}" for k, v in options.items())
-            print(f"megatron-hybridnorm: built {scheme}"
-                  f"{f' ({shown})' if shown else ''} on "
-                  f"{'transformer_engine' if use_te else 'local'} modules, "
-                  f"{len(spec.layer_specs)} layers on this stage"
-                  f"{'' if vp_stage is None else f' (vp_stage {vp_stage})'}", flush=True)
-            for note in notes:
-                print(f"megatron-hybridnorm: {note}", flush=True)
+        spec, options, notes, use_te = _stage_spec(scheme, config, vp_stage)
+        _start_up_line(scheme, options, use_te,
+                       f"{len(spec.layer_specs)} layers on this stage"
+                       f"{'' if vp_stage is None else f' (vp_stage {vp_stage})'}", notes)
         return spec
 
     build.__name__ = build.__qualname__ = scheme
     build.__doc__ = f"Megatron-LM --spec entry point for {scheme}: {get_scheme(scheme).summary}"
-    return build
+    return build if SPEC_CALLABLES_ARE_CALLED else _layer_spec_entry_point(scheme, build)
 
 
 prenorm = _make("prenorm")
@@ -170,5 +247,4 @@ mixln_official = _make("mixln_official")
 hybridnorm = _make("hybridnorm")
 hybridnorm_star = _make("hybridnorm_star")
 
-assert set(SCHEMES) == {f.__name__ for f in (prenorm, postnorm, postnorm_official, prenorm_qknorm,
-                                             mixln, mixln_official, hybridnorm, hybridnorm_star)}
+ENTRY_POINTS = {s: globals()[s] for s in SCHEMES}  # one for every scheme (a KeyError if not)

@@ -78,13 +78,17 @@ class Finding:
                 f"  {get_scheme(self.scheme).summary}")
 
 
+def _fractions(name: str, n: int) -> list[float | None]:
+    """The head fractions to try for a scheme over n layers (or blocks): k / n for Mix-LN."""
+    return [None] if get_scheme(name).head_fraction is None else [k / n for k in range(n + 1)]
+
+
 def match(layers: list[frozenset[str]], moe: list[bool]) -> tuple[str | None, float | None]:
     """The first scheme (in SCHEMES order) whose layouts give exactly these norm keys."""
     n = len(layers)
     for name in SCHEMES:
         s = get_scheme(name)
-        fractions = [None] if s.head_fraction is None else [k / n for k in range(n + 1)]
-        for f in fractions:
+        for f in _fractions(name, n):
             expected = [layer_norm_keys(lay, m) for lay, m in zip(s.layouts(n, f), moe)]
             if expected == layers:
                 return name, f
@@ -100,8 +104,7 @@ def match_pattern(layers: dict[int, frozenset[str]], pattern: str
 
     n = pattern.count("*")
     for name in SCHEMES:
-        s = get_scheme(name)
-        for f in [None] if s.head_fraction is None else [k / n for k in range(n + 1)] if n else []:
+        for f in _fractions(name, n) if n else []:
             try:
                 placed = pattern_layouts(name, pattern, f)
             except SchemeConfigError:

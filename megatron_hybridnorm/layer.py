@@ -1,12 +1,25 @@
 """Megatron's TransformerLayer plus a norm on the layer output (Post-Norm's second norm), with
-the residual add fused into the norm that follows it."""
+the residual add fused into the norm that follows it.
+
+Hand-overs between Megatron's steps, on each forward design (``compat.LAYER_HOOKS``):
+
+- The attention's residual add, where the pre-MLP norm follows it and can fuse it
+  (``_pending_add``): the attention's bias-dropout-add step stores (output, residual, bias,
+  dropout) instead of adding, and the pre-MLP norm step runs ``N(residual + dropout(out + bias))``
+  in one pass. Before 0.20 the step is ``self.self_attn_bda`` (replaced by ``_hand_over_bda``),
+  from 0.20 the hook ``_apply_self_attn_bda_step``; the pre-MLP step is
+  ``_forward_pre_mlp_layernorm``, from 0.20 the hook ``_pre_mlp_layernorm_and_residual``.
+- A norm whose output is also the residual returns ``(n, n)`` and says ``returns_residual``.
+  megatron-core 0.17 to 0.19 take the tuple's second item as the residual, 0.20 does when the norm
+  says ``returns_residual``. 0.16 takes no tuple: there a forward hook on the norm keeps ``n``
+  (``_norm_residual``) and hands Megatron only the output; the residual add takes ``n``.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
 from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.transformer.torch_norm import LayerNormBuilder
 from megatron.core.transformer.transformer_layer import (
     TransformerLayer,
     TransformerLayerSubmodules,
@@ -14,6 +27,8 @@ from megatron.core.transformer.transformer_layer import (
 from megatron.core.typed_torch import apply_module
 from megatron.core.utils import make_viewless_tensor
 
+from . import compat
+from .compat import LayerNormBuilder
 from .kernels.report import report_after_first_forward
 from .norms import Norm
 from .schemes import LayerNorms
@@ -36,11 +51,10 @@ class HybridTransformerLayer(TransformerLayer):
 
     Where a norm directly follows a residual add (HybridNorm's FFN norm, Post-Norm's two norms),
     Megatron's bias-dropout-add runs inside the norm (``Norm.forward`` with ``residual``, one
-    Triton pass on CUDA): ``self_attn_bda`` hands its inputs over to the pre-MLP norm instead of
-    adding, and the MLP's output goes straight into ``post_mlp_layernorm``. The norm module is
-    still called, so its hooks run (its input is then the sublayer output, the residual a
-    keyword). With activation offloading of the norms or a recomputed pre-MLP norm, Megatron's
-    own path runs.
+    Triton pass on CUDA; see the module docstring for the hand-over). The norm module is still
+    called, so its hooks run (its input is then the sublayer output, the residual a keyword).
+    With activation offloading of the norms or a recomputed pre-MLP norm, Megatron's own path
+    runs.
     """
 
     def __init__(
@@ -59,14 +73,23 @@ class HybridTransformerLayer(TransformerLayer):
             eps=self.config.layernorm_epsilon,
         )
         self._pending_add = None
+        self._norm_residual = {}
         for m in self.modules():
             if isinstance(m, Norm):
                 m.reports_itself = False
         report_after_first_forward(self, self._report_label)
         pre_mlp = self.pre_mlp_layernorm
-        if (self._fuses_add(pre_mlp) and getattr(pre_mlp, "returns_residual", False)
-                and not isinstance(self.self_attention, IdentityOp)):  # an FFN-only layer adds nothing
+        self._hands_over_attn_add = (
+            self._fuses_add(pre_mlp) and getattr(pre_mlp, "returns_residual", False)
+            and not isinstance(self.self_attention, IdentityOp))  # an FFN-only layer adds nothing
+        if self._hands_over_attn_add and not compat.LAYER_HOOKS:
             self.self_attn_bda = self._hand_over_bda
+        if not compat.NORM_TUPLES:
+            for name in ("input_layernorm", "pre_mlp_layernorm"):
+                if getattr(getattr(self, name), "returns_residual", False):
+                    getattr(self, name).register_forward_hook(self._keep_norm_residual(name))
+            if getattr(self.input_layernorm, "returns_residual", False):
+                self.self_attn_bda = self._attn_bda_with_norm_residual(self.self_attn_bda)
 
     def _report_label(self) -> str:
         norms = self.norms
@@ -86,20 +109,40 @@ class HybridTransformerLayer(TransformerLayer):
             and self.config.cuda_graph_impl in ("none", "full_iteration")
         )
 
-    def _hand_over_bda(self, training: bool, fused: bool):
-        """Stands in for Megatron's ``get_bias_dropout_add``: the attention output goes on
-        unchanged and (output, residual, bias, dropout probability) wait for the pre-MLP norm."""
-
-        def hand_over(out_with_bias, residual, prob):
-            out, bias = out_with_bias
-            self._pending_add = (out, residual, bias, prob if training else 0.0)
+    # -- megatron-core 0.16: norms whose output is the residual ---------------------------------
+    def _keep_norm_residual(self, name: str):
+        def hook(module, args, output):
+            out, self._norm_residual[name] = output
             return out
 
-        return hand_over
+        return hook
 
-    def _forward_pre_mlp_layernorm(self, hidden_states):
-        if self._pending_add is None:
-            return super()._forward_pre_mlp_layernorm(hidden_states)
+    def _attn_bda_with_norm_residual(self, bda):
+        def with_residual(training: bool, fused: bool):
+            inner = bda(training, fused)
+
+            def add(out_with_bias, residual, prob):
+                return inner(out_with_bias, self._norm_residual.pop("input_layernorm"), prob)
+
+            return add
+
+        return with_residual
+
+    # -- the attention's residual add, fused into the pre-MLP norm ------------------------------
+    def _hand_over(self, out_with_bias, residual, prob):
+        out, bias = out_with_bias
+        self._pending_add = (out, residual, bias, prob if self.training else 0.0)
+        return out
+
+    def _hand_over_bda(self, training: bool, fused: bool):
+        """Stands in for Megatron's ``get_bias_dropout_add`` before 0.20: the attention output
+        goes on unchanged and (output, residual, bias, dropout probability) wait for the
+        pre-MLP norm."""
+        return self._hand_over
+
+    def _add_and_norm(self, hidden_states):
+        """The pre-MLP norm with the pending attention add fused in: ``(n, n)``, or ``n`` where
+        megatron-core takes no tuple (its hook keeps the residual)."""
         out, residual, bias, prob = self._pending_add
         self._pending_add = None
         if out is not hidden_states:
@@ -113,6 +156,59 @@ class HybridTransformerLayer(TransformerLayer):
             out, residual=residual, x_bias=bias, dropout_p=prob
         )
 
+    # -- after the MLP ---------------------------------------------------------------------------
+    def _post_mlp(self, mlp_output_with_bias, residual, megatron_post_mlp):
+        """The FFN's residual add and ``post_mlp_layernorm``; ``megatron_post_mlp(out, residual)``
+        is Megatron's own step (bias-dropout-add and what goes with it)."""
+        if "pre_mlp_layernorm" in self._norm_residual:  # megatron-core 0.16
+            residual = self._norm_residual.pop("pre_mlp_layernorm")
+        fc1 = getattr(self.mlp, "linear_fc1", None)
+        if getattr(fc1, "keeps_norm_output", False):  # te_ffn_norm="in_linear": n is the residual
+            residual = fc1.take_norm_output()
+        norm = self.post_mlp_layernorm
+        if isinstance(norm, IdentityOp):
+            return megatron_post_mlp(mlp_output_with_bias, residual)
+        if self._fuses_add(norm):
+            self.mlp_norm_manager = None
+            out, bias = mlp_output_with_bias
+            prob = self.hidden_dropout if self.training else 0.0
+            output = apply_module(norm)(out, residual=residual, x_bias=bias, dropout_p=prob)
+        else:
+            output = apply_module(norm)(megatron_post_mlp(mlp_output_with_bias, residual))
+        return make_viewless_tensor(inp=output, requires_grad=output.requires_grad, keep_graph=True)
+
+    if compat.LAYER_HOOKS:  # megatron-core 0.20 and later
+
+        def _apply_self_attn_bda_step(self, attention_output_with_bias, residual, attn_state=()):
+            if not self._hands_over_attn_add:
+                return super()._apply_self_attn_bda_step(attention_output_with_bias, residual,
+                                                         attn_state)
+            self.attn_norm_manager = None  # no offloading here (_fuses_add)
+            return self._hand_over(attention_output_with_bias, residual, self.hidden_dropout)
+
+        def _pre_mlp_layernorm_and_residual(self, hidden_states):
+            if self._pending_add is None:
+                return super()._pre_mlp_layernorm_and_residual(hidden_states)
+            n, residual = self._add_and_norm(hidden_states)
+            if self.config.fp32_residual_connection:
+                residual = residual.float()
+            return n, residual, ()
+
+        def _apply_mlp_bda_step(self, mlp_output_with_bias, residual, mlp_state=()):
+            base = super()._apply_mlp_bda_step
+            return self._post_mlp(mlp_output_with_bias, residual,
+                                  lambda out, res: base(out, res, mlp_state))
+
+    else:  # megatron-core 0.16 to 0.19
+
+        def _forward_pre_mlp_layernorm(self, hidden_states):
+            if self._pending_add is None:
+                return super()._forward_pre_mlp_layernorm(hidden_states)
+            return self._add_and_norm(hidden_states)
+
+        def _forward_post_mlp(self, mlp_output_with_bias, residual):
+            return self._post_mlp(mlp_output_with_bias, residual, super()._forward_post_mlp)
+
     def get_extra_state(self):
         return {"norms": asdict(self.norms) if self.norms is not None else None}
 
@@ -125,20 +221,3 @@ class HybridTransformerLayer(TransformerLayer):
                 f"model's has {mine}: the checkpoint was saved with another norm scheme "
                 "(python -m megatron_hybridnorm.inspect <checkpoint> names it)"
             )
-
-    def _forward_post_mlp(self, mlp_output_with_bias, residual):
-        fc1 = getattr(self.mlp, "linear_fc1", None)
-        if getattr(fc1, "keeps_norm_output", False):  # te_ffn_norm="in_linear": n is the residual
-            residual = fc1.take_norm_output()
-        norm = self.post_mlp_layernorm
-        if isinstance(norm, IdentityOp):
-            return super()._forward_post_mlp(mlp_output_with_bias, residual)
-        if self._fuses_add(norm):
-            self.mlp_norm_manager = None
-            out, bias = mlp_output_with_bias
-            prob = self.hidden_dropout if self.training else 0.0
-            output = apply_module(norm)(out, residual=residual, x_bias=bias, dropout_p=prob)
-        else:
-            output = super()._forward_post_mlp(mlp_output_with_bias, residual)
-            output = apply_module(norm)(output)
-        return make_viewless_tensor(inp=output, requires_grad=output.requires_grad, keep_graph=True)

@@ -9,7 +9,7 @@ from megatron.core.extensions.transformer_engine import HAVE_TE
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.enums import AttnMaskType, LayerType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -21,6 +21,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from .attention import QKVNormSelfAttention, QKVNormSelfAttentionSubmodules
+from .compat import dense_mlp_spec
 from .core_attention import SDPAttention
 from .layer import HybridTransformerLayer, HybridTransformerLayerSubmodules
 from .norms import FullWidthNorm, HeadNorm, Norm, PostNorm
@@ -106,12 +107,9 @@ def get_layer_spec(
             fc1 = p.column_parallel_layer_norm_linear()
         elif norm_in_linear:
             fc1 = te_norm_linear_keeping_norm()
-        mlp = partial(
-            MLP.as_mlp_submodule,
-            submodules=MLPSubmodules(
-                linear_fc1=fc1, linear_fc2=p.row_parallel_linear(),
-                activation_func=p.activation_func() if use_te_activation_func else None),
-        )
+        mlp = dense_mlp_spec(MLPSubmodules(
+            linear_fc1=fc1, linear_fc2=p.row_parallel_linear(),
+            activation_func=p.activation_func() if use_te_activation_func else None))
     else:  # the router and the experts see the pre-MLP norm's output
         mlp = get_moe_module_spec_for_backend(
             backend=p, num_experts=num_experts, moe_grouped_gemm=moe_grouped_gemm,

@@ -236,6 +236,14 @@ def test_te_pattern_layers_are_the_te_gpt_layers_halves(monkeypatch, scheme, moe
     assert stack.submodules.final_norm is mh.norms.te.InterchangeableTENorm
 
 
+def test_in_linear_ffn_norm_is_refused_with_moe_layers(monkeypatch):
+    monkeypatch.setattr(mh.specs, "HAVE_TE", True)
+    with pytest.raises(mh.SchemeConfigError, match='te_ffn_norm="in_linear" puts the norm'):
+        get_hybrid_stack_spec(tiny_config(num_layers=4, **{**MOE, "moe_layer_freq": 1}),
+                              "hybridnorm", "*E*E", use_transformer_engine=True,
+                              te_ffn_norm="in_linear")
+
+
 def test_moe_pattern_needs_experts():
     with pytest.raises(mh.SchemeConfigError, match="set num_moe_experts"):
         get_hybrid_stack_spec(tiny_config(), "hybridnorm", "*E*E")

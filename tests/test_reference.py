@@ -152,8 +152,9 @@ def test_official_post_norm_is_the_textbook_one_inside(megatron_single_rank):
             p.copy_(src[name])
     inputs, outputs = {}, {}
     for i, layer in enumerate(official.layers):
-        layer.input_layernorm.register_forward_hook(
-            lambda mod, a, out, i=i: inputs.__setitem__(i, out[0].detach()))
+        layer.input_layernorm.register_forward_hook(  # (n, n); n where megatron-core 0.16 runs
+            lambda mod, a, out, i=i: inputs.__setitem__(i, (out[0] if isinstance(out, tuple)
+                                                            else out).detach()))
     for i, layer in enumerate(textbook.layers):
         layer.register_forward_hook(
             lambda mod, a, out, i=i: outputs.__setitem__(i, (out[0] if isinstance(out, tuple)

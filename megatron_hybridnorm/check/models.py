@@ -38,6 +38,11 @@ def small_config(**overrides):
     return TransformerConfig(**kw)
 
 
+# what the GPT and the hybrid model share around their decoders
+LANGUAGE_MODEL = dict(vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope",
+                      rotary_base=500000, share_embeddings_and_output_weights=False)
+
+
 def build_gpt(config, scheme, *, pre_process=True, post_process=True, vp_stage=None,
               use_transformer_engine=False, **options):
     """This pipeline (and virtual pipeline) stage of a GPTModel of ``scheme``."""
@@ -50,14 +55,10 @@ def build_gpt(config, scheme, *, pre_process=True, post_process=True, vp_stage=N
     return GPTModel(
         config=config,
         transformer_layer_spec=spec,
-        vocab_size=VOCAB,
-        max_sequence_length=SEQ,
-        position_embedding_type="rope",
-        rotary_base=500000,
-        share_embeddings_and_output_weights=False,
         pre_process=pre_process,
         post_process=post_process,
         vp_stage=vp_stage,
+        **LANGUAGE_MODEL,
     )
 
 
@@ -74,15 +75,11 @@ def build_hybrid(config, scheme, pattern, *, pre_process=True, post_process=True
     return HybridModel(
         config=config,
         hybrid_stack_spec=spec,
-        vocab_size=VOCAB,
-        max_sequence_length=SEQ,
         hybrid_layer_pattern=pattern,
-        position_embedding_type="rope",
-        rotary_base=500000,
-        share_embeddings_and_output_weights=False,
         pre_process=pre_process,
         post_process=post_process,
         vp_stage=vp_stage,
+        **LANGUAGE_MODEL,
     )
 
 

@@ -1,6 +1,10 @@
 """The norm schemes on megatron-core's ``HybridModel``: a decoder given as a layer pattern
 (``*`` attention, ``-`` MLP, ``E`` MoE, ``M`` Mamba, ``|`` a pipeline split)."""
 
+from ..compat import require_hybrid_model
+
+require_hybrid_model("megatron_hybridnorm.hybrid")
+
 from .layouts import PatternLayer, pattern_layouts
 from .specs import get_hybrid_stack_spec
 from .stack import HybridNormStack

@@ -75,6 +75,9 @@ def load_gpt_checkpoint(model, path: str | Path, hybrid_layer_pattern: str) -> N
     ``model``, a ``HybridModel`` stage built with ``hybrid_layer_pattern`` and the same scheme;
     another scheme is refused before anything loads. Save the model afterwards for a hybrid
     checkpoint that Megatron-LM's ``pretrain_hybrid.py --load`` reads."""
+    from ..compat import require_gpt_checkpoint_interop
+
+    require_gpt_checkpoint_interop()
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.gpt_checkpoint_interop import (
         gpt_compatible_layer_maps,

@@ -69,12 +69,8 @@ def pattern_layer_specs(config: TransformerConfig, scheme: str, pattern: str, *,
     if any(lay.symbol == MOE for lay in layers) and not config.num_moe_experts:
         raise SchemeConfigError(f"hybrid layer pattern {pattern!r} has MoE layers ('E'); set "
                                 "num_moe_experts (--num-experts)")
+    # te_ffn_norm="in_linear" with MoE layers is refused by check_config (num_moe_experts set)
     te_ffn_norm = opts.get("te_ffn_norm", "te")
-    if te_ffn_norm == "in_linear" and any(lay.symbol == MOE and lay.norms.pre_mlp_is_residual
-                                          for lay in layers if lay.norms is not None):
-        raise SchemeConfigError('te_ffn_norm="in_linear" puts the norm inside a dense FFN\'s '
-                                'first linear; the pattern\'s MoE layers have none: use "te" or '
-                                '"fused_add"')
     cache, specs = {}, {}
     for i, lay in enumerate(layers):
         if lay.norms is None:

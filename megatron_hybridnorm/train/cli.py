@@ -391,11 +391,11 @@ def main(argv=None) -> int:
             outcomes_path.write_text(json.dumps(outcomes, indent=2))
 
     if main_rank:
-        summary = summarize(read_jsonl(folder / "metrics.jsonl"), keys, diverged, args.baseline)
+        rows = read_jsonl(folder / "metrics.jsonl")
+        summary = summarize(rows, keys, diverged, args.baseline)
         summary["wall_s"] = sum(o.get("wall_s", 0.0) for o in outcomes.values())
         (folder / "summary.json").write_text(json.dumps(summary, indent=2))
-        figures = plot(folder, summary, read_jsonl(folder / "metrics.jsonl"),
-                       read_jsonl(folder / "grad_flow.jsonl"))
+        figures = plot(folder, summary, rows, read_jsonl(folder / "grad_flow.jsonl"))
         print("\n" + table(summary))
         if args.seeds == 1:
             print(ONE_SEED_NOTE)
