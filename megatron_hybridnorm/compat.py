@@ -18,6 +18,23 @@ Tested on 0.16.1, 0.17.1, 0.18.2, 0.19.2 and 0.20.0 (Megatron-LM main at d98e8a6
 | ``Attention._yarn_concentration_factor`` | absent (computed per call) | absent | absent | present | present |
 | ``TransformerConfig.mlp_chunks_for_training`` | absent | absent | present | present | present |
 | ``finalize_model_grads`` TP reduction | SUM for ``q_layernorm``/``k_layernorm`` names and ``sequence_parallel`` params; AVG for ``average_gradients_across_tp_domain`` | same | same | same | same |
+| the final norm after a layer ``ModuleSpec`` (``transformer_block.LayerNormImpl``) | TE's, Apex's or torch's norm, whichever is installed | same | same | same | same |
+
+Touched in the same form on every version above (read where they are used, listed here so that a
+release that changes one is found in one place):
+
+- ``SelfAttention``: ``get_query_key_value_tensors(hidden_states, key_value_states, output_gate,
+  split_qkv)``, ``linear_qkv``, ``num_query_groups_per_partition``,
+  ``num_attention_heads_per_partition``, ``hidden_size_per_attention_head``, ``world_size``,
+  ``pg_collection`` (attention.py).
+- ``TELayerNormColumnParallelLinear``: ``return_layernorm_output`` (read at each forward) and
+  ``te_return_bias``; ``TENorm`` and its ``_extra_state`` (norms/te.py).
+- ``dist_checkpointing.strategies.filesystem_async._results_queue`` (dist_ckpt.py).
+- ``models.gpt.fine_grained_callables`` calls ``pre_mlp_layernorm`` and ``mlp_bda`` directly
+  under ``overlap_moe_expert_parallel_comm``: refused in validate.py.
+- The CPU stand-ins (testing/cpu.py): ``tensor_parallel.random._get_cuda_rng_state``,
+  ``_set_cuda_rng_state``, ``CudaRNGStatesTracker``, ``CheckpointWithoutOutput``,
+  ``moe_utils``/``token_dispatcher.maybe_move_tensor_to_cpu``.
 """
 
 from __future__ import annotations

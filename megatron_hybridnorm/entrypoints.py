@@ -222,7 +222,9 @@ def _layer_spec_entry_point(scheme: str, build):
             return build(config, vp_stage=vp_stage)
 
     EntryPointSpec.__name__ = EntryPointSpec.__qualname__ = f"EntryPointSpec[{scheme}]"
-    return EntryPointSpec(module=SchemeLayer, params={"scheme": scheme})
+    spec = EntryPointSpec(module=SchemeLayer, params={"scheme": scheme})
+    spec.__name__, spec.__doc__ = build.__name__, build.__doc__
+    return spec
 
 
 def _make(scheme: str):

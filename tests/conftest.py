@@ -17,6 +17,12 @@ except ImportError:
     pass
 
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from megatron_hybridnorm.testing.triton_interpreter import fix_old_triton_interpreter_index
+
+    fix_old_triton_interpreter_index()
+
+
 @pytest.fixture(scope="session")
 def megatron_single_rank():
     """Megatron's parallel state for one rank (gloo on the CPU, NCCL on a GPU), in this process."""

@@ -142,7 +142,7 @@ def test_local_and_te_style_norm_checkpoints_interchange(megatron_single_rank, t
     from torch.distributed.checkpoint.api import CheckpointException  # (a BaseException)
 
     broken = _with_te_like_extra_state(build_gpt(tiny_config(), scheme), fixed=False)
-    with pytest.raises(CheckpointException, match="layernorm._extra_state"):  # as TE's norms had
+    with pytest.raises(CheckpointException, match=r"layer_?norm_?\.?_extra_state"):  # as TE's did
         load(broken, tmp_path / "local")
 
     te_like = load(_with_te_like_extra_state(build_gpt(tiny_config(), scheme), fixed=True),

@@ -8,6 +8,12 @@ import pytest
 import torch
 
 import megatron_hybridnorm as mh
+from megatron_hybridnorm import compat
+
+if not compat.HAVE_HYBRID_MODEL:
+    pytest.skip(f"megatron-core {compat.VERSION} has no HybridModel (it arrived in 0.18); "
+                "test_versions.py checks the refusal", allow_module_level=True)
+
 from helpers import SEQ, VOCAB, batch, build_gpt, randomize_norms, rel_err, tiny_config
 from megatron_hybridnorm.check.models import build_hybrid
 from megatron_hybridnorm.hybrid import get_hybrid_stack_spec, pattern_layouts
@@ -297,7 +303,13 @@ def test_hybrid_checkpoint_of_another_scheme_is_refused(megatron_single_rank, tm
         check_checkpoint(other, tmp_path)
 
 
+needs_interop = pytest.mark.skipif(
+    not compat.HAVE_GPT_CHECKPOINT_INTEROP,
+    reason=f"megatron-core {compat.VERSION} has no gpt_checkpoint_interop (it arrived in 0.19)")
+
+
 @pytest.mark.parametrize("scheme", ["hybridnorm", "hybridnorm_star", "mixln", "postnorm"])
+@needs_interop
 def test_gpt_checkpoint_loads_into_the_hybrid_model(megatron_single_rank, tmp_path, scheme):
     """Stacked (Pre-Norm, Post-Norm, HybridNorm) and per-layer (HybridNorm*, Mix-LN) GPT
     checkpoints: megatron-core's translation for the first, ours for the second."""
@@ -319,6 +331,7 @@ def test_gpt_checkpoint_loads_into_the_hybrid_model(megatron_single_rank, tmp_pa
         load_gpt_checkpoint(other, tmp_path, GPT_LIKE)
 
 
+@needs_interop
 def test_converted_gpt_checkpoint_saves_and_loads_as_a_hybrid_checkpoint(megatron_single_rank,
                                                                           tmp_path):
     """GPT checkpoint -> load_gpt_checkpoint -> save: a hybrid dist checkpoint that loads into a
@@ -348,15 +361,23 @@ def test_converted_gpt_checkpoint_saves_and_loads_as_a_hybrid_checkpoint(megatro
 
 def build_like_pretrain_hybrid(scheme, pattern, **config):
     """What pretrain_hybrid.py does with --spec megatron_hybridnorm.hybrid.entrypoints <scheme>
-    --hybrid-layer-pattern <pattern> (megatron-core 0.19's HybridModelBuilder)."""
+    --hybrid-layer-pattern <pattern>: megatron-core 0.19's HybridModelBuilder; before it (0.18),
+    Megatron-LM's hybrid_builders.py hands the imported object to HybridModel."""
     from megatron.core.process_groups_config import ProcessGroupCollection
-    from megatron.core.transformer.spec_utils import import_module
-    from megatron.training.models.hybrid import HybridModelBuilder, HybridModelConfig
 
-    spec = import_module(("megatron_hybridnorm.hybrid.entrypoints", scheme))
-    cfg = HybridModelConfig(transformer=tiny_config(num_layers=len(pattern), **config),
-                            hybrid_stack_spec=spec, hybrid_layer_pattern=pattern,
-                            vocab_size=VOCAB, seq_length=SEQ, position_embedding_type="rope")
+    spec = compat.import_module(("megatron_hybridnorm.hybrid.entrypoints", scheme))
+    transformer = tiny_config(num_layers=len(pattern), **config)
+    try:
+        from megatron.training.models.hybrid import HybridModelBuilder, HybridModelConfig
+    except ImportError:  # megatron-core 0.18: hybrid_builders.hybrid_builder
+        from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+        return HybridModel(config=transformer, hybrid_stack_spec=spec, vocab_size=VOCAB,
+                           max_sequence_length=SEQ, hybrid_layer_pattern=pattern,
+                           position_embedding_type="rope")
+    cfg = HybridModelConfig(transformer=transformer, hybrid_stack_spec=spec,
+                            hybrid_layer_pattern=pattern, vocab_size=VOCAB, seq_length=SEQ,
+                            position_embedding_type="rope")
     return HybridModelBuilder(cfg).build_model(ProcessGroupCollection.use_mpu_process_groups(),
                                                vp_stage=None)
 
@@ -488,6 +509,7 @@ def test_hybrid_pp2_matches_one_rank_with_special_blocks_global(parallel_runs, i
 
 
 @pytest.mark.slow
+@needs_interop
 def test_gpt_checkpoint_saved_at_tp2_pp2_loads_into_the_hybrid_model(tmp_path):
     from megatron_hybridnorm.testing import Parallel, run_distributed
 

@@ -1,23 +1,39 @@
 """Megatron-LM integration: the --spec entry points called as megatron-core 0.19 calls them, and
 the scheme inspector on models and dist checkpoints."""
 
+import importlib.util
+
 import pytest
 import torch
 
 import megatron_hybridnorm as mh
-from megatron_hybridnorm import entrypoints
+from megatron_hybridnorm import compat, entrypoints
 from megatron_hybridnorm.inspect import detect_checkpoint, detect_scheme, main as inspect_main
 from helpers import SEQ, VOCAB, batch, build_gpt, tiny_config
 from test_moe import MOE
 
 
+needs_training = pytest.mark.skipif(
+    importlib.util.find_spec("megatron.training") is None,
+    reason=f"megatron-core {compat.VERSION} ships no megatron.training (Megatron-LM's checkout "
+           "has it): the entry points are built as its gpt_builders.py does in test_versions.py")
+
+
 def build_like_megatron_lm(scheme, **config):
-    """What pretrain_gpt.py does with --spec megatron_hybridnorm.entrypoints <scheme>."""
+    """What pretrain_gpt.py does with --spec megatron_hybridnorm.entrypoints <scheme>: from 0.19,
+    GPTModelBuilder calls the entry point; before, gpt_builders.py hands the object to
+    GPTModel as the layer spec."""
     from megatron.core.process_groups_config import ProcessGroupCollection
-    from megatron.core.transformer.spec_utils import import_module
+
+    spec_fn = compat.import_module(("megatron_hybridnorm.entrypoints", scheme))
+    if not compat.SPEC_CALLABLES_ARE_CALLED:
+        from megatron.core.models.gpt import GPTModel
+
+        return GPTModel(config=tiny_config(**config), transformer_layer_spec=spec_fn,
+                        vocab_size=VOCAB, max_sequence_length=SEQ,
+                        position_embedding_type="rope")
     from megatron.training.models.gpt import GPTModelBuilder, GPTModelConfig
 
-    spec_fn = import_module(("megatron_hybridnorm.entrypoints", scheme))
     cfg = GPTModelConfig(transformer=tiny_config(**config), transformer_layer_spec=spec_fn,
                          vocab_size=VOCAB, seq_length=SEQ, position_embedding_type="rope")
     return GPTModelBuilder(cfg).build_model(ProcessGroupCollection.use_mpu_process_groups(),
@@ -115,6 +131,7 @@ def test_inspect_cli_on_a_folder_that_is_no_checkpoint(tmp_path, capsys):
     assert e.value.code == 2 and "is not a dist checkpoint" in capsys.readouterr().err
 
 
+@needs_training
 @pytest.mark.parametrize("saved,options,asked,env", [
     ("hybridnorm", {}, "prenorm", {}),
     ("hybridnorm", {}, "hybridnorm_star", {}),
@@ -143,6 +160,7 @@ def test_entry_point_refuses_a_load_checkpoint_of_another_scheme(
         getattr(entrypoints, saved)(tiny_config(transformer_impl="local"))
 
 
+@needs_training
 def test_entry_point_with_an_empty_load_folder_builds(tmp_path, monkeypatch):
     from argparse import Namespace
 

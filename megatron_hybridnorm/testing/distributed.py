@@ -42,6 +42,10 @@ def init_rank(rank: int, world_size: int, port: int, layout: Parallel, seed: int
     from .cpu import use_cpu
 
     use_cpu()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from .triton_interpreter import fix_old_triton_interpreter_index
+
+        fix_old_triton_interpreter_index()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(rank % torch.cuda.device_count())
@@ -63,7 +67,7 @@ def init_rank(rank: int, world_size: int, port: int, layout: Parallel, seed: int
     model_parallel_cuda_manual_seed(seed)
     from ..dist_ckpt import use_in_process_write_queue
 
-    use_in_process_write_queue()  # ranks are daemonic: no Manager process for checkpoint saves
+    use_in_process_write_queue()  # no Manager process (seconds to start) for checkpoint saves
 
 
 def _worker(rank, world_size, port, layout, seed, fn, args, kwargs, results):
@@ -128,7 +132,9 @@ def run_distributed(
         ctx.Process(
             target=_worker,
             args=(r, world_size, port, layout, seed, fn, args, kwargs or {}, results),
-            daemon=True,
+            # not daemonic: megatron-core 0.16's dist-checkpoint writer starts a process per
+            # bucket, which daemonic processes may not; the ranks are killed below in any case
+            daemon=False,
         )
         for r in range(world_size)
     ]
