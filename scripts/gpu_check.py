@@ -88,6 +88,8 @@ def environment(extra_path: str | None) -> dict:
     paths = [str(ROOT)] + ([extra_path] if extra_path else []) + \
         [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(paths)
+    # the kernels are opt-in (kernels/dispatch.py): this check is where they run on the GPU
+    env.setdefault("HYBRIDNORM_KERNELS", "auto")
     return env
 
 

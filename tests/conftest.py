@@ -7,7 +7,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 # Without a GPU, the Triton kernels are tested under Triton's interpreter; it must be chosen
-# before any kernel is defined. (The default "auto" dispatch still picks torch on the CPU.)
+# before any kernel is defined. (The default dispatch still picks torch.)
 try:
     import torch
 

@@ -484,6 +484,9 @@ def test_every_kernel_variant_and_launch_config_compiles_for_hopper(tmp_path):
 def test_dispatch_modes(device, monkeypatch):
     x = torch.zeros(2, device=device)
     monkeypatch.delenv("HYBRIDNORM_KERNELS", raising=False)
+    assert kernels.kernel_path(x) == (  # opt-in until they have run on a GPU
+        False, "the default; HYBRIDNORM_KERNELS=auto opts in to the kernels on CUDA")
+    monkeypatch.setenv("HYBRIDNORM_KERNELS", "auto")
     assert kernels.use_triton(x) == x.is_cuda  # auto: the GPU only
     monkeypatch.setenv("HYBRIDNORM_KERNELS", "torch")
     assert not kernels.use_triton(x)
@@ -493,7 +496,7 @@ def test_dispatch_modes(device, monkeypatch):
         assert kernels.kernel_path(x.to(dtype)) == (False, f"{dtype} (the kernels compute fp32, "
                                                            "bf16 and fp16)")
     monkeypatch.setenv("HYBRIDNORM_KERNELS", "cuda")
-    with pytest.raises(ValueError, match="auto, triton, torch"):
+    with pytest.raises(ValueError, match="torch, auto, triton"):
         kernels.use_triton(x)
 
 
@@ -502,14 +505,19 @@ def test_a_cuda_tensor_without_a_working_triton_warns_once_and_takes_torch(monke
 
     from megatron_hybridnorm.kernels import dispatch
 
-    monkeypatch.delenv("HYBRIDNORM_KERNELS", raising=False)
     monkeypatch.setattr(dispatch, "triton_problem", lambda: "ImportError: libcuda broke (test)")
     x = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device=torch.device("cpu"))
-    with pytest.warns(RuntimeWarning, match="HYBRIDNORM_KERNELS=torch to choose torch"):
-        assert dispatch.kernel_path(x) == (False, "Triton unavailable (ImportError: libcuda "
-                                                  "broke (test))")
     import warnings
 
+    monkeypatch.delenv("HYBRIDNORM_KERNELS", raising=False)
+    with warnings.catch_warnings():  # a CUDA tensor takes torch by default, without a word
+        warnings.simplefilter("error")
+        assert dispatch.kernel_path(x) == (
+            False, "the default; HYBRIDNORM_KERNELS=auto opts in to the kernels on CUDA")
+    monkeypatch.setenv("HYBRIDNORM_KERNELS", "auto")
+    with pytest.warns(RuntimeWarning, match="unset HYBRIDNORM_KERNELS"):
+        assert dispatch.kernel_path(x) == (False, "Triton unavailable (ImportError: libcuda "
+                                                  "broke (test))")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert not dispatch.use_triton(x)  # said once

@@ -1,9 +1,14 @@
 """Which path a norm call takes, a Triton kernel or torch, and why.
 
-``HYBRIDNORM_KERNELS``: "auto" (default: the kernels on CUDA tensors), "triton" (always; on a
-CPU this needs Triton's interpreter, ``TRITON_INTERPRET=1``) or "torch" (never). The kernels
-compute fp32, bf16 and fp16 tensors; other dtypes (fp64) always take torch. When a CUDA tensor
-cannot use Triton (not installed, or its import fails), a warning says so once.
+``HYBRIDNORM_KERNELS``: "torch" (the default: never), "auto" (the kernels on CUDA tensors) or
+"triton" (always; on a CPU this needs Triton's interpreter, ``TRITON_INTERPRET=1``).
+
+The kernels are opt-in until they have run on a GPU: they are proved against float64 under
+Triton's interpreter and compiled for sm_90, but a user's first GPU run would otherwise be their
+first execution on hardware. The GPU check (``scripts/gpu_check.py``) measures them; the default
+becomes "auto" where it shows them correct and faster than torch. The kernels compute fp32,
+bf16 and fp16 tensors; other dtypes (fp64) always take torch. When a CUDA tensor cannot use
+Triton in "auto" (not installed, or its import fails), a warning says so once.
 """
 
 from __future__ import annotations
@@ -14,13 +19,14 @@ import warnings
 
 import torch
 
-MODES = ("auto", "triton", "torch")
+MODES = ("torch", "auto", "triton")
+DEFAULT = "torch"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TRITON = "triton"
 
 
 def kernel_mode() -> str:
-    mode = os.environ.get("HYBRIDNORM_KERNELS", "auto")
+    mode = os.environ.get("HYBRIDNORM_KERNELS", DEFAULT)
     if mode not in MODES:
         raise ValueError(f"HYBRIDNORM_KERNELS={mode!r}; choose one of {', '.join(MODES)}")
     return mode
@@ -41,8 +47,8 @@ def triton_problem() -> str | None:
 def _warn_no_triton(problem: str) -> None:
     warnings.warn(
         f"megatron-hybridnorm: CUDA tensors, but Triton cannot be used ({problem}); the norms "
-        "run on torch, slower. Install Triton (it comes with PyTorch's CUDA wheels), or set "
-        "HYBRIDNORM_KERNELS=torch to choose torch and silence this.",
+        "run on torch. Install Triton (it comes with PyTorch's CUDA wheels), or unset "
+        "HYBRIDNORM_KERNELS (torch is the default) to silence this.",
         RuntimeWarning,
         stacklevel=3,
     )
@@ -52,6 +58,8 @@ def kernel_path(x: torch.Tensor) -> tuple[bool, str]:
     """(whether the Triton kernels handle ``x``, the reason in words)."""
     mode = kernel_mode()
     if mode == "torch":
+        if "HYBRIDNORM_KERNELS" not in os.environ:
+            return False, "the default; HYBRIDNORM_KERNELS=auto opts in to the kernels on CUDA"
         return False, "HYBRIDNORM_KERNELS=torch"
     if x.dtype not in DTYPES:
         return False, f"{x.dtype} (the kernels compute fp32, bf16 and fp16)"
