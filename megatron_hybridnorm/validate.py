@@ -105,6 +105,21 @@ def check_config(
             lay.pre_mlp_is_residual for lay in layouts):
         fail('te_ffn_norm="in_linear" puts the norm inside a dense FFN\'s first linear; MoE '
              'layers have none: use te_ffn_norm="te" or "fused_add"')
+    if te_ffn_norm == "in_linear" and any(lay.pre_mlp_is_residual for lay in layouts):
+        # the FFN's first linear keeps its norm output for the layer's residual add; run under
+        # recompute (tensor_parallel.checkpoint, or TE's checkpoint under FP8) that output carries
+        # no graph, and n + FFN(n) would back-propagate through FFN(n) alone; chunked MLPs keep
+        # only the last chunk's output
+        if (config.recompute_granularity == "selective"
+                and "mlp" in (config.recompute_modules or [])):
+            fail('te_ffn_norm="in_linear" keeps the FFN input n for the residual add, which MLP '
+                 "recompute runs without a graph (the gradient through n would be lost); remove "
+                 '"mlp" from recompute_modules (--recompute-modules), or use te_ffn_norm="te" '
+                 'or "fused_add"')
+        if (getattr(config, "mlp_chunks_for_training", 1) or 1) > 1:
+            fail('te_ffn_norm="in_linear" keeps one FFN input for the residual add, but '
+                 "mlp_chunks_for_training > 1 runs the FFN in chunks; set it to 1, or use "
+                 'te_ffn_norm="te" or "fused_add"')
     moe_layers_with_our_norms = config.num_moe_experts and any(
         lay.pre_mlp_is_residual or lay.post_mlp or lay.input_is_residual for lay in layouts)
     if getattr(config, "overlap_moe_expert_parallel_comm", False) and moe_layers_with_our_norms:

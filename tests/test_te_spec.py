@@ -129,6 +129,27 @@ def test_te_ffn_norm_in_linear_refuses_moe(te_available):
                               te_ffn_norm="fused_add")
 
 
+@pytest.mark.parametrize("config,match", [
+    (dict(recompute_granularity="selective", recompute_modules=["mlp"]), "remove \"mlp\""),
+    (dict(recompute_granularity="selective", recompute_modules=["mlp"], fp8="hybrid"),
+     "remove \"mlp\""),  # TE's checkpoint under FP8: the same recompute
+    (dict(mlp_chunks_for_training=2), "mlp_chunks_for_training > 1"),
+])
+def test_in_linear_ffn_norm_refuses_what_would_lose_the_residual_gradient(te_available, config,
+                                                                           match):
+    """The FFN input n that TENormLinearKeepingNorm keeps is the residual: under MLP recompute
+    it would carry no graph, with chunked MLPs it would be the last chunk's only."""
+    if not all(hasattr(tiny_config(), k) for k in config):
+        pytest.skip("this megatron-core has no mlp_chunks_for_training")
+    for scheme in ("hybridnorm", "hybridnorm_star", "postnorm"):
+        with pytest.raises(mh.SchemeConfigError, match=match):
+            mh.get_decoder_block_spec(tiny_config(**config), scheme,
+                                      use_transformer_engine=True, te_ffn_norm="in_linear")
+        for other in ("te", "fused_add"):  # these keep the norm a module of its own
+            mh.get_decoder_block_spec(tiny_config(**config), scheme,
+                                      use_transformer_engine=True, te_ffn_norm=other)
+
+
 def test_fp8_on_the_local_backend_is_refused():
     with pytest.raises(mh.SchemeConfigError, match="use_transformer_engine=True"):
         mh.get_decoder_block_spec(tiny_config(fp8="hybrid"), "hybridnorm")
