@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .norms.names import is_norm_parameter
 from .schemes import SCHEMES, LayerNorms, get_scheme
 
 _LAYER = re.compile(r"^decoder\.layers\.(?:(\d+)\.)?(.+)$")
@@ -42,7 +43,7 @@ def layer_norm_keys(lay: LayerNorms, moe: bool) -> frozenset[str]:
 
 
 def _is_norm_weight(rest: str) -> bool:
-    return rest.endswith("layernorm.weight") or rest.endswith("layer_norm_weight")
+    return is_norm_parameter(rest) and rest.endswith("weight")
 
 
 @dataclass

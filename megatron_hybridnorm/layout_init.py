@@ -15,6 +15,8 @@ import zlib
 
 import torch
 
+from .norms.names import is_norm_parameter
+
 _LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
 _GROUPED_EXPERT = re.compile(r"(\.experts\.linear_fc[12]\.(?:weight|bias))(\d+)$")
 
@@ -43,7 +45,7 @@ def layout_invariant_init(model, config, seed: int) -> None:
     tied = model.share_embeddings_and_output_weights
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "layernorm" in name:
+            if is_norm_parameter(name):
                 continue
             key = global_name(model, name, p)
             if tied and key == "output_layer.weight":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
+from ..norms.names import is_head_norm_parameter, is_norm_parameter
 from .models import rel_err
 
 # Relative tolerances by compute precision. fp32: the same arithmetic in another order (TP/SP
@@ -18,15 +19,13 @@ TOLERANCES = {
     "bf16": dict(loss=2e-2, grads=5e-2, params=5e-2),
     "fp8": dict(loss=1.5e-1, grads=3e-1, params=1.5e-1),
 }
-# what a gradient (or parameter) check covers, by parameter name
+# what a gradient (or parameter) check covers, by parameter name: the first group that takes it
 GROUPS = (
-    ("Q/K/V norm weights", re.compile(r"\.(q|k|v)_layernorm\.")),
-    ("residual-stream norm weights",
-     re.compile(r"(input_layernorm|pre_mlp_layernorm|post_mlp_layernorm|final_layernorm)\.|"
-                r"layer_norm_(weight|bias)")),
-    ("router and experts", re.compile(r"\.mlp\.(router|experts|shared_experts)\.")),
-    ("embedding and output layer", re.compile(r"^(embedding|output_layer)\.")),
-    ("attention and MLP weights", re.compile(r".")),
+    ("Q/K/V norm weights", is_head_norm_parameter),
+    ("residual-stream norm weights", is_norm_parameter),
+    ("router and experts", re.compile(r"\.mlp\.(router|experts|shared_experts)\.").search),
+    ("embedding and output layer", re.compile(r"^(embedding|output_layer)\.").search),
+    ("attention and MLP weights", lambda name: True),
 )
 
 
@@ -46,7 +45,7 @@ class Check:
 
 
 def group_of(name: str) -> str:
-    return next(label for label, pattern in GROUPS if pattern.search(name))
+    return next(label for label, belongs in GROUPS if belongs(name))
 
 
 def _grouped(reference: dict, parallel: dict, what: str, tol: float) -> list[Check]:

@@ -9,6 +9,8 @@ import zlib
 import torch
 import torch.nn.functional as F
 
+from ..norms.names import is_norm_parameter
+
 VOCAB = 96  # divisible by every TP size up to 32
 SEQ = 16
 
@@ -90,7 +92,7 @@ def randomize_norms(model, seed=7):
 
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "layernorm" not in name:
+            if not is_norm_parameter(name):
                 continue
             key = global_name(model, name, p)
             g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))

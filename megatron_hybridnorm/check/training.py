@@ -17,6 +17,7 @@ from functools import partial
 import torch
 
 from ..layout_init import global_name, layout_invariant_init
+from ..norms.names import is_norm_parameter
 from . import faults
 from .models import batch, build_gpt, build_hybrid, gather_full, randomize_norms, small_config
 
@@ -155,7 +156,7 @@ def train_case(case: dict, steps: int = 3) -> dict:
     tp_same = dp_same = True
     for m in chunks:
         for name, p in m.named_parameters():
-            if "layernorm" in name:
+            if is_norm_parameter(name):
                 dp_same &= _identical(p.detach(), ps.get_data_parallel_group())
                 if not getattr(p, "tensor_model_parallel", False):
                     tp_same &= _identical(p.detach(), ps.get_tensor_model_parallel_group())

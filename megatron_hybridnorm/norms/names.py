@@ -1,0 +1,33 @@
+"""Which parameters are norm parameters, by name: the one answer every tool here uses (the
+layout-invariant init, the check's norm randomization, its replica check and its gradient
+groups, the inspector).
+
+A norm's weight or bias is named, across backends and models:
+- ``...input_layernorm.weight``, ``...pre_mlp_layernorm.weight``, ``...post_mlp_layernorm.weight``,
+  ``...self_attention.q_layernorm.weight`` (and k, v), ``decoder.final_layernorm.weight``: norm
+  modules, local or TE (``TENorm``);
+- ``...linear_qkv.layer_norm_weight``, ``...linear_fc1.layer_norm_bias``: the norm fused into
+  Transformer Engine's ``LayerNormLinear`` (and the local backend's checkpoint names for it);
+- ``decoder.final_norm.weight``: ``HybridModel``'s final norm; ``...mixer.norm.weight``: a Mamba
+  mixer's gated norm.
+"""
+
+from __future__ import annotations
+
+import re
+
+_NORM_PARAMETER = re.compile(
+    r"(?:^|\.)(?:\w*layernorm|final_norm|norm)\.(?:weight|bias)$"  # a norm module's
+    r"|(?:^|\.)layer_norm_(?:weight|bias)$"  # TE's fused norm in a linear
+)
+_HEAD_NORM = re.compile(r"(?:^|\.)[qkv]_layernorm\.(?:weight|bias)$")
+
+
+def is_norm_parameter(name: str) -> bool:
+    """Whether the parameter (or checkpoint key) ``name`` belongs to a norm."""
+    return _NORM_PARAMETER.search(name) is not None
+
+
+def is_head_norm_parameter(name: str) -> bool:
+    """Whether ``name`` belongs to a Q, K or V norm inside attention."""
+    return _HEAD_NORM.search(name) is not None
