@@ -47,7 +47,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--layers-per-stage", type=int, default=2)
     p.add_argument("--microbatches", type=int, default=4)
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--out", default="check.json", help="the JSON report (rank 0 writes it)")
+    p.add_argument("--out", default=None,
+                   help="write the JSON report here (rank 0); without it, only the table")
     p.add_argument("--ckpt-dir", default=None,
                    help="a folder every rank can reach (default: a temporary one, which "
                         "needs a filesystem shared by all nodes)")
@@ -238,10 +239,13 @@ def main(argv=None) -> int:
               f"{env['backend']}, {env['devices']}")
         print(compare.table(checks))
         print(f"{'PASS' if ok else 'FAIL'}: {sum(c.ok for c in checks)}/{len(checks)} checks "
-              f"in {time.monotonic() - t0:.0f} s; {args.out}", flush=True)
-        with open(args.out, "w") as f:
-            json.dump(dict(layout=layout, args=vars(args), ok=ok, environment=env,
-                           checks=[c.row() for c in checks]), f, indent=2)
+              f"in {time.monotonic() - t0:.0f} s"
+              f"{f'; {args.out}' if args.out else ' (--out PATH writes the JSON report)'}",
+              flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(dict(layout=layout, args=vars(args), ok=ok, environment=env,
+                               checks=[c.row() for c in checks]), f, indent=2)
     return 0 if ok else 1
 
 
