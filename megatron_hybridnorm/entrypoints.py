@@ -31,6 +31,7 @@ another scheme, the entry point refuses to build, before anything is loaded.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from .compat import SPEC_CALLABLES_ARE_CALLED
 from .layer import HybridTransformerLayer
@@ -98,8 +99,9 @@ def untested_notes(scheme: str, config, args) -> list[str]:
 
 
 def check_load_matches(scheme: str, options: dict, path: str | None,
-                       module: str = "megatron_hybridnorm.entrypoints") -> None:
-    """Refuse, before the model exists, to resume a checkpoint of another scheme.
+                       module: str = "megatron_hybridnorm.entrypoints") -> list[str]:
+    """Refuse, before the model exists, to resume a checkpoint of another scheme; returns notes
+    for the start-up line (a checkpoint whose scheme cannot be read before loading).
 
     megatron-core's loader writes some tensors into the model in place before it finds the
     missing norm keys, so a mismatch must be caught before loading starts.
@@ -108,11 +110,18 @@ def check_load_matches(scheme: str, options: dict, path: str | None,
     from .layer import SchemeMismatchError
 
     if not path:
-        return
+        return []
     try:
         found = detect_checkpoint(path)
     except FileNotFoundError:
-        return  # nothing saved there yet: a fresh run
+        folder = Path(path)
+        if not folder.is_dir() or not any(folder.iterdir()):
+            return []  # nothing saved there yet: a fresh run
+        return [f"--load {path} holds no dist checkpoint (--ckpt-format torch?), so its norm "
+                "scheme is not checked before loading; a checkpoint of another scheme then fails "
+                "in Megatron's loader with missing or unexpected norm keys. Dist checkpoints "
+                "(--ckpt-format torch_dist) are checked, and named by "
+                "python -m megatron_hybridnorm.inspect"]
     want_qkv = options.get("qkv_norm", "head") if get_scheme(scheme).has_head_norms else None
     want_fraction = options.get("mixln_fraction", get_scheme(scheme).head_fraction)
     same = (found.scheme == scheme and found.qkv_norm == want_qkv
@@ -126,6 +135,7 @@ def check_load_matches(scheme: str, options: dict, path: str | None,
             f"{f' (qkv_norm={want_qkv})' if want_qkv else ''} builds another model: pass the "
             "checkpoint's scheme, or another --load"
         )
+    return []
 
 
 def _rank0() -> bool:
@@ -161,7 +171,7 @@ def _stage_spec(scheme: str, config, vp_stage: int | None):
     check_megatron_lm_config(scheme, config)
     use_te = getattr(config, "transformer_impl", "transformer_engine") == "transformer_engine"
     options, notes = options_from_env(scheme)
-    check_load_matches(scheme, options, _megatron_lm_load_path())
+    notes = notes + check_load_matches(scheme, options, _megatron_lm_load_path())
     notes = notes + untested_notes(scheme, config, _megatron_lm_args())
     spec = get_decoder_block_spec(
         config, scheme, use_transformer_engine=use_te, vp_stage=vp_stage, **options

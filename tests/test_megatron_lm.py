@@ -168,3 +168,23 @@ def test_entry_point_with_an_empty_load_folder_builds(tmp_path, monkeypatch):
 
     monkeypatch.setattr(global_vars, "_GLOBAL_ARGS", Namespace(load=str(tmp_path)))
     assert entrypoints.hybridnorm(tiny_config(transformer_impl="local")).layer_specs
+
+
+def test_a_load_folder_without_a_dist_checkpoint_is_said_at_start_up(tmp_path, monkeypatch,
+                                                                      capsys):
+    """--ckpt-format torch: the scheme guard cannot read it; it said nothing and went on."""
+    from argparse import Namespace
+
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("10")
+    (tmp_path / "iter_0000010" / "mp_rank_00").mkdir(parents=True)
+    (tmp_path / "iter_0000010" / "mp_rank_00" / "model_optim_rng.pt").write_bytes(b"")
+    monkeypatch.setattr(entrypoints, "_megatron_lm_args", lambda: Namespace(load=str(tmp_path)))
+    entrypoints.hybridnorm(tiny_config(transformer_impl="local"))
+    out = capsys.readouterr().out
+    assert f"megatron-hybridnorm: --load {tmp_path} holds no dist checkpoint" in out
+    assert "not checked before loading" in out
+    empty = tmp_path / "fresh"
+    empty.mkdir()
+    monkeypatch.setattr(entrypoints, "_megatron_lm_args", lambda: Namespace(load=str(empty)))
+    entrypoints.hybridnorm(tiny_config(transformer_impl="local"))
+    assert "holds no dist checkpoint" not in capsys.readouterr().out  # a fresh run

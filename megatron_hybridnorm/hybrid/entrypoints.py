@@ -33,7 +33,7 @@ class MegatronLMHybridNormStack(HybridNormStack):
     def __init__(self, config, submodules, *, scheme: str, **kwargs):
         use_te = getattr(config, "transformer_impl", "transformer_engine") == "transformer_engine"
         options, notes = options_from_env(scheme)
-        check_load_matches(scheme, options, _megatron_lm_load_path(), __name__)
+        notes = notes + check_load_matches(scheme, options, _megatron_lm_load_path(), __name__)
         notes = notes + untested_notes(scheme, config, _megatron_lm_args())
         super().__init__(config, submodules, scheme=scheme, use_transformer_engine=use_te,
                          options=options, **kwargs)
