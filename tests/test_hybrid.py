@@ -113,6 +113,10 @@ def test_mixln_post_norm_blocks_are_the_first_quarter_of_attention_blocks():
     ("hybridnorm_star", "*M*-", "block 0 (the attention layer 0) needs exactly one MLP/MoE"),
     ("hybridnorm_star", "*--*-", "and has 2"),
     ("hybridnorm_star", "-*-", "the MLP/MoE layer 0 comes before the first attention layer"),
+    # a Mamba or gated delta net layer inside a special block (between its attention and MLP)
+    ("hybridnorm_star", "*M-*-", "have megatron-core's 'M' layer 1 between them"),
+    ("hybridnorm_star", "*G-*-", "have megatron-core's 'G' layer 1 between them"),
+    ("mixln", "*-*-*M-*-*-*-*-*-", "block 2's attention layer 4 and its MLP/MoE layer 6"),
     ("mixln", "M-*-*-*-*-", "the MLP/MoE layer 1 comes before the first attention layer"),
     ("hybridnorm", "*-*-/*-", "multi-token prediction"),
     ("hybridnorm", "D-D-", "DeepSeek sparse attention"),
@@ -121,7 +125,15 @@ def test_mixln_post_norm_blocks_are_the_first_quarter_of_attention_blocks():
 ])
 def test_ambiguous_or_unsupported_patterns_are_refused(scheme, pattern, message):
     with pytest.raises(mh.SchemeConfigError, match=re.escape(message)):
-        get_hybrid_stack_spec(tiny_config(), scheme, pattern)
+        get_hybrid_stack_spec(tiny_config(), scheme, pattern,
+                              **({"mixln_fraction": 0.5} if scheme == "mixln" else {}))
+
+
+def test_mamba_layers_outside_the_special_blocks_are_allowed():
+    for scheme, pattern in (("hybridnorm_star", "*-M*-"), ("hybridnorm_star", "*-*M-"),
+                            ("mixln", "*-M*-*M-*-")):
+        placed = pattern_layouts(scheme, pattern)
+        assert [p.symbol for p in placed] == list(pattern)
 
 
 def test_position_free_schemes_take_any_pattern():

@@ -12,7 +12,8 @@ own.
 Position-dependent schemes count *blocks*: block b is the b-th attention layer of the whole
 model and the MLP/MoE layer after it. HybridNorm*'s Pre-Norm block is block 0; Mix-LN's
 Post-Norm blocks are the first floor(f * number of attention layers). Where a pattern leaves
-that ambiguous, it is refused.
+that ambiguous, it is refused, and so is a Mamba or gated-delta-net layer between a special
+block's attention and its MLP (it would sit inside the block); elsewhere they are allowed.
 """
 
 from __future__ import annotations
@@ -97,10 +98,16 @@ def pattern_layouts(scheme: str, pattern: str,
         for b in range(num_head):
             mine = [(i, sym) for i, (sym, bb) in enumerate(zip(layers, blocks)) if bb == b]
             ffns = [i for i, sym in mine if sym != ATTENTION]
+            attn = mine[0][0]
             if len(ffns) != 1:
-                attn = mine[0][0]
                 fail(f"{what}; block {b} (the attention layer {attn}) needs exactly one MLP/MoE "
                      f"layer before the next attention layer, and has {len(ffns)}")
+            inside = [i for i in range(attn + 1, ffns[0]) if layers[i] in MEGATRONS]
+            if inside:
+                fail(f"{what}; block {b}'s attention layer {attn} and its MLP/MoE layer "
+                     f"{ffns[0]} have megatron-core's '{layers[inside[0]]}' layer {inside[0]} "
+                     "between them, which would sit inside that block; put it after the "
+                     "block's MLP/MoE layer (e.g. '*-M*-...')")
     out = []
     for symbol, b in zip(layers, blocks):
         if symbol not in OURS:
