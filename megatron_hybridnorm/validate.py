@@ -59,6 +59,13 @@ def check_config(
 
     if config.normalization not in NORMALIZATIONS:
         fail(f"normalization={config.normalization!r}; set it to one of {NORMALIZATIONS}")
+    if getattr(config, "transformer_impl", None) == "inference_optimized":
+        fail('transformer_impl="inference_optimized" builds megatron-core\'s inference layers, '
+             "which these specs do not provide (they would build the local modules instead); "
+             'use "transformer_engine" or "local" (--transformer-impl)')
+    if getattr(config, "use_kitchen", False):
+        fail("use_kitchen swaps in NVIDIA Kitchen's quantized modules, which these specs do "
+             "not build; unset it (--use-kitchen)")
     if config.multi_latent_attention:
         fail("multi-latent attention is not supported; set multi_latent_attention=False")
     if getattr(config, "experimental_attention_variant", None) is not None:

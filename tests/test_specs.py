@@ -232,3 +232,20 @@ def test_invalid_parallel_layouts_fail_before_any_collective(overrides, message)
     assert not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1
     with pytest.raises(ValueError, match=message):
         mh.get_decoder_block_spec(tiny_config(**overrides), "hybridnorm", qkv_norm="full")
+
+
+@pytest.mark.parametrize("config,match", [
+    (dict(transformer_impl="inference_optimized"), "inference_optimized"),
+])
+def test_backends_the_specs_do_not_build_are_refused(config, match):
+    """They were ignored: inference_optimized built the local modules."""
+    for scheme in mh.SCHEMES:
+        with pytest.raises(mh.SchemeConfigError, match=match):
+            mh.get_decoder_block_spec(tiny_config(**config), scheme)
+
+
+def test_kitchen_is_refused():
+    cfg = tiny_config()
+    cfg.use_kitchen = True  # its config check asks for the Kitchen package; the flag suffices
+    with pytest.raises(mh.SchemeConfigError, match="use_kitchen"):
+        mh.get_decoder_block_spec(cfg, "hybridnorm")
