@@ -32,7 +32,7 @@ release that changes one is found in one place):
 - ``dist_checkpointing.strategies.filesystem_async._results_queue`` (dist_ckpt.py).
 - ``models.gpt.fine_grained_callables`` calls ``pre_mlp_layernorm`` and ``mlp_bda`` directly
   under ``overlap_moe_expert_parallel_comm``: refused in validate.py.
-- The CPU stand-ins (testing/cpu.py): ``tensor_parallel.random._get_cuda_rng_state``,
+- The CPU stand-ins (cpu.py): ``tensor_parallel.random._get_cuda_rng_state``,
   ``_set_cuda_rng_state``, ``CudaRNGStatesTracker``, ``CheckpointWithoutOutput``,
   ``moe_utils``/``token_dispatcher.maybe_move_tensor_to_cpu``.
 """

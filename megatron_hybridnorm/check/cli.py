@@ -131,7 +131,7 @@ def _init(layout, seed=1234):
 
 
 def _setup_process_group() -> None:
-    from ..testing.cpu import use_cpu
+    from ..cpu import use_cpu
 
     if not torch.cuda.is_available():
         use_cpu()

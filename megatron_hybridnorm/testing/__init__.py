@@ -1,6 +1,6 @@
-"""Support for running and testing megatron-core's local modules on CPU-only machines."""
+"""What the tests use: the multi-process launcher on gloo (the CPU patches it applies are
+``megatron_hybridnorm.cpu``, a product feature) and a fix for old Triton interpreters."""
 
-from .cpu import use_cpu
 from .distributed import Parallel, RankFailure, init_rank, run_distributed
 
-__all__ = ["use_cpu", "run_distributed", "init_rank", "Parallel", "RankFailure"]
+__all__ = ["run_distributed", "init_rank", "Parallel", "RankFailure"]

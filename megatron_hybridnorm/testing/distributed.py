@@ -39,7 +39,7 @@ def init_rank(rank: int, world_size: int, port: int, layout: Parallel, seed: int
     """Set up one rank: CPU patches, the gloo group and Megatron's parallel state."""
     import torch
 
-    from .cpu import use_cpu
+    from ..cpu import use_cpu
 
     use_cpu()
     if os.environ.get("TRITON_INTERPRET") == "1":

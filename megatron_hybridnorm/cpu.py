@@ -8,7 +8,8 @@ sizes that become numpy arrays only when copied off a GPU, and the norm recomput
 ``CheckpointWithoutOutput``, which takes FP8 as on whenever its ``fp8`` argument is not None
 (False included) and then calls Transformer Engine. On a machine without a GPU,
 ``use_cpu()`` points each of these at the CPU (process-wide). It does nothing where CUDA is
-available. It is for tests and CPU demos, not for production runs.
+available. ``hybridnorm-train`` and ``hybridnorm-check`` call it to run on a machine without a
+GPU, and the tests' ranks do; it is not for large runs.
 """
 
 from __future__ import annotations
