@@ -286,3 +286,32 @@ def test_help_shows_every_default():
         if action.default not in (None, False):
             assert f"default: {action.default}" in p._get_formatter()._expand_help(action), \
                 action.option_strings
+
+
+@pytest.mark.slow
+def test_resume_skips_a_damaged_checkpoint_and_says_so(tmp_path):
+    """A truncated .distcp file in the latest checkpoint ended --resume with EOFError deep in
+    torch. Now that checkpoint is named and the newest intact one is taken; the run ends with
+    the same losses as an uninterrupted one."""
+    common = [*SMALL, "--schemes", "hybridnorm", "--steps", "6", "--save-interval", "2",
+              "--runs-dir", str(tmp_path)]
+    run([*common, "--name", "straight"])
+    run([*common, "--name", "crashed"])
+    ckpt = tmp_path / "crashed/checkpoints/hybridnorm"
+    assert (ckpt / "latest").read_text() == "step_000006"
+    shard = next((ckpt / "step_000006").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])  # as a crash mid-write leaves it
+    (tmp_path / "crashed/outcomes.json").unlink()  # as if killed before the run was recorded
+    out = run(["--resume", "--name", "crashed", "--runs-dir", str(tmp_path)])
+    assert f"checkpoint {ckpt / 'step_000006'} is damaged and is skipped" in out.stdout
+    assert "resumed from step_000004, the newest intact checkpoint" in out.stdout
+    assert train_losses(tmp_path / "crashed", "hybridnorm") == \
+        train_losses(tmp_path / "straight", "hybridnorm")
+
+    for step in ("step_000002", "step_000004", "step_000006"):  # nothing intact: a clear error
+        for f in (ckpt / step).glob("*.distcp"):
+            f.write_bytes(b"")
+    (tmp_path / "crashed/outcomes.json").unlink()
+    out = run(["--resume", "--name", "crashed", "--runs-dir", str(tmp_path)], check=False)
+    assert out.returncode == 2 and "no checkpoint in" in out.stdout + out.stderr
+    assert "Traceback" not in out.stderr

@@ -319,6 +319,7 @@ def main(argv=None) -> int:
     import torch
 
     from . import dist
+    from .checkpoint import CheckpointDamaged
     from .data import BYTE_VOCAB, DataError, get_batch, load_corpus
     from .log import RunLog, read_jsonl
     from .loop import SchemeRun
@@ -371,7 +372,12 @@ def main(argv=None) -> int:
             continue
         run = SchemeRun(args, key, corpus, log, device, folder / "checkpoints" / name, name)
         if args.resume:
-            run.resume()
+            try:
+                run.resume()
+            except CheckpointDamaged as e:
+                log.note(f"hybridnorm-train: error: {e}")
+                dist.teardown()
+                return 2
             log.truncate(key, run.step)
         progress.start(name, run.step)
         outcome = run.train(progress)

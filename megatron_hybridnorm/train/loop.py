@@ -140,9 +140,10 @@ class SchemeRun:
         return tokens[0, prompt.shape[1]:].tolist()
 
     def resume(self) -> None:
-        path = checkpoint.latest(self.ckpt_dir)
-        if path is not None:
-            self.step = checkpoint.load(path, unwrap(self.ddp), self.optimizer, self.scheduler)
+        step = checkpoint.load_newest_intact(self.ckpt_dir, unwrap(self.ddp), self.optimizer,
+                                             self.scheduler, self.log.note)
+        if step is not None:
+            self.step = step
 
     def save(self):
         return checkpoint.save(self.ckpt_dir, unwrap(self.ddp), self.optimizer, self.scheduler,
