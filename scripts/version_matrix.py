@@ -4,6 +4,8 @@ one JSON and one Markdown table of what ran where.
 
     python scripts/version_matrix.py --out DIR [--default-xml XML] [--main-wheel WHEEL] [--legs ...]
 
+On the other versions the multi-rank TP and PP tests run their representative cases
+(``MCORE_MATRIX_LEG=1``, read by tests/test_tensor_parallel.py and tests/test_pipeline.py).
 ``--default-xml``: the JUnit XML of the full suite on the project's default version (.venv), as
 ``.ci/run`` runs it first; it becomes that row of the table. ``--main-wheel``: a megatron-core
 0.20 wheel built from Megatron-LM's main (PyPI serves none). Exit 1 if any test failed or a leg
@@ -108,7 +110,7 @@ def read_junit(path: Path) -> dict:
 def run_leg(name: str, leg: dict, out: Path, main_wheel: str | None) -> dict:
     start = time.monotonic()
     python = leg_python(leg, main_wheel)
-    env = dict(os.environ)
+    env = dict(os.environ, MCORE_MATRIX_LEG="1")  # fewer cases of the multi-rank runs
     if leg.get("cross_checkpoint"):  # a checkpoint of the default version loads here, and back
         env["MCORE_OTHER_PYTHON"] = str(ROOT / ".venv" / "bin" / "python")
     runs = [(SUBSET, ["-k", " and ".join(f"not {t}" for t in SLOW_REPEATS)])]
