@@ -3,6 +3,7 @@ TP=2 x PP=2 (and a Megatron-LM-style one): the same logits as Megatron's, greedy
 and without the cache and as Megatron decodes, bitwise round trips, loading without
 megatron-core."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -230,3 +231,143 @@ def test_lm_evaluation_harness_evaluates_an_exported_model(megatron_single_rank,
     # (measured here: 7 of 8 trained, 3 of 8 other; chance is 4 of 8)
     assert accuracy["trained"] >= 0.75 and accuracy["trained"] > accuracy["other"], accuracy
     assert accuracy["trained"] > accuracy["other"], accuracy
+
+
+# ---- against megatron-core's own model, built from Megatron-LM's arguments -------------------
+
+MEGATRON_LM_BASE = [
+    "--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
+    "--group-query-attention", "--num-query-groups", "2", "--ffn-hidden-size", "96",
+    "--swiglu", "--position-embedding-type", "rope", "--rotary-base", "500000",
+    "--seq-length", "64", "--max-position-embeddings", "64", "--micro-batch-size", "1",
+    "--transformer-impl", "local", "--no-rope-fusion", "--no-gradient-accumulation-fusion",
+    "--no-persist-layer-norm", "--tokenizer-type", "NullTokenizer", "--vocab-size", "96"]
+
+
+def megatron_lm_checkpoint(tmp_path, scheme, flags):
+    """A checkpoint as pretrain_gpt.py saves it, and the model megatron-core builds for it from
+    Megatron-LM's own argument conversion (core_transformer_config_from_args) and the --spec
+    entry point: independent of the exporter's Architecture. Norms and biases randomized."""
+    import argparse
+
+    from megatron.core import dist_checkpointing
+    from megatron.core.models.gpt import GPTModel
+    from megatron.training.arguments import (
+        add_megatron_arguments,
+        core_transformer_config_from_args,
+    )
+
+    from helpers import randomize_norms
+    from megatron_hybridnorm import entrypoints
+
+    parser = add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False))
+    args = parser.parse_args(MEGATRON_LM_BASE + flags + [
+        "--spec", "megatron_hybridnorm.entrypoints", scheme])
+    args.padded_vocab_size, args.kv_channels, args.params_dtype = 96, 16, torch.float32
+    config = core_transformer_config_from_args(args)
+    build = getattr(entrypoints, scheme)
+    model = GPTModel(config=config, transformer_layer_spec=build(config),
+                     vocab_size=args.padded_vocab_size,
+                     max_sequence_length=args.max_position_embeddings,
+                     position_embedding_type=args.position_embedding_type,
+                     rotary_base=args.rotary_base, rotary_percent=args.rotary_percent,
+                     share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights)
+    torch.manual_seed(0)
+    randomize_norms(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and "norm" not in name:
+                p.normal_(0.0, 0.1)
+    save = tmp_path / "save" / "iter_0000010"
+    save.mkdir(parents=True)
+    dist_checkpointing.save({"model": model.sharded_state_dict(), "args": args,
+                             "iteration": 10, "checkpoint_version": 3.0}, str(save))
+    (tmp_path / "save" / "latest_checkpointed_iteration.txt").write_text("10")
+    return tmp_path / "save", model.eval()
+
+
+needs_training = pytest.mark.skipif(
+    importlib.util.find_spec("megatron.training") is None,
+    reason="this megatron-core ships no megatron.training (Megatron-LM's argument parser)")
+
+
+@needs_training
+@pytest.mark.parametrize("scheme,flags", [
+    ("hybridnorm_star", ["--normalization", "RMSNorm", "--disable-bias-linear"]),
+    ("hybridnorm", ["--normalization", "LayerNorm", "--disable-bias-linear"]),
+    ("postnorm", ["--normalization", "LayerNorm"]),  # linear biases
+    ("hybridnorm_star", ["--normalization", "RMSNorm", "--disable-bias-linear",
+                         "--untie-embeddings-and-output-weights"]),
+])
+def test_export_equals_megatron_cores_model_of_the_checkpoint(megatron_single_rank, tmp_path,
+                                                              scheme, flags):
+    folder, model = megatron_lm_checkpoint(tmp_path, scheme, flags)
+    hf = hf_model(convert.export(folder, tmp_path / "hf"))
+    x = tokens(vocab=96)
+    with torch.no_grad():
+        assert rel_err(hf(x).logits, model(x, None, None)) < 1e-5
+
+
+@needs_training
+def test_export_with_an_attention_mask_equals_megatron_with_the_same_mask(megatron_single_rank,
+                                                                          tmp_path):
+    """Left padding: HF's attention_mask and position ids against megatron-core's forward with
+    the same padding folded into its attention mask, at the positions that are not padding."""
+    folder, model = megatron_lm_checkpoint(tmp_path, "hybridnorm_star",
+                                           ["--normalization", "RMSNorm", "--disable-bias-linear"])
+    hf = hf_model(convert.export(folder, tmp_path / "hf"))
+    x = tokens(n=16, vocab=96)
+    pad = torch.tensor([0, 5])  # sequence 1 has 5 padding tokens on the left
+    keep = torch.arange(16)[None, :] >= pad[:, None]  # [b, s]
+    pos = (torch.arange(16)[None, :] - pad[:, None]).clamp_min(0)
+    causal = torch.ones(16, 16, dtype=torch.bool).tril()
+    masked = ~(causal[None] & keep[:, None, :])[:, None]  # megatron: True = not attended
+    with torch.no_grad():
+        ours = hf(x, attention_mask=keep.long(), position_ids=pos).logits
+        theirs = model(x, pos, masked)
+    assert rel_err(ours[keep], theirs[keep]) < 1e-5
+
+
+@needs_training
+@pytest.mark.parametrize("flags,match", [
+    (["--add-qkv-bias", "--disable-bias-linear"], "--add-qkv-bias"),
+    (["--squared-relu"], "--squared-relu"),
+    (["--openai-gelu"], "--openai-gelu"),
+    (["--use-rope-scaling"], "--use-rope-scaling"),
+    (["--rotary-seq-len-interpolation-factor", "2"], "--rotary-seq-len-interpolation-factor"),
+])
+def test_megatron_lm_features_the_export_cannot_compute_are_refused(flags, match):
+    """They were exported as something else (gelu for --squared-relu, no QKV bias...)."""
+    import argparse
+
+    from megatron.training.arguments import add_megatron_arguments
+
+    parser = add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False))
+    base = [f for f in MEGATRON_LM_BASE if f != "--swiglu"] if "--swiglu" not in flags else \
+        MEGATRON_LM_BASE
+    args = parser.parse_args(base + ["--normalization", "RMSNorm"] + flags)
+    args.padded_vocab_size, args.kv_channels = 96, 16
+    with pytest.raises(convert.ExportError, match=match):
+        convert.Architecture.from_megatron_lm_args(args, "hybridnorm")
+
+
+def test_a_stored_tensor_the_architecture_has_no_place_for_is_refused(megatron_single_rank,
+                                                                      tmp_path):
+    """megatron-core's load leaves unrequested tensors out: a checkpoint with a QKV bias
+    exported without it. Here the checkpoint's arguments say no bias, its tensors have one."""
+    from megatron.core import dist_checkpointing
+
+    from helpers import build_gpt, tiny_config
+
+    model = build_gpt(tiny_config(add_qkv_bias=True), "hybridnorm")
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    dist_checkpointing.save(model.sharded_state_dict(), str(folder))
+    from helpers import SEQ, VOCAB
+
+    arch = convert.Architecture(scheme="hybridnorm", num_layers=4, hidden_size=64,
+                                num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
+                                vocab_size=VOCAB, max_position_embeddings=SEQ,
+                                rope_base=500000, tied_embeddings=False)
+    with pytest.raises(convert.ExportError, match=r"linear_qkv\.bias"):
+        convert.load_megatron(folder, arch)

@@ -68,6 +68,23 @@ class Architecture:
                               "RoPE models are exported")
         if getattr(args, "multi_latent_attention", False):
             raise ExportError("multi-latent attention models are not exported")
+        # what the Hugging Face model here does not compute: refused, not approximated
+        unsupported = [flag for flag, on in (
+            ("--add-qkv-bias", getattr(args, "add_qkv_bias", False)
+             and not getattr(args, "add_bias_linear", False)),
+            ("--use-rope-scaling", getattr(args, "use_rope_scaling", False)),
+            ("--rotary-seq-len-interpolation-factor",
+             getattr(args, "rotary_seq_len_interpolation_factor", None) not in (None, 1, 1.0)),
+            ("--squared-relu", getattr(args, "squared_relu", False)),
+            ("--openai-gelu", getattr(args, "openai_gelu", False)),
+            ("--quick-geglu", getattr(args, "quick_geglu", False)),
+            ("--qk-layernorm", getattr(args, "qk_layernorm", False)
+             and not get_scheme(scheme).has_head_norms),
+        ) if on]
+        if unsupported:
+            raise ExportError(f"{', '.join(unsupported)}: the Hugging Face model here does not "
+                              "compute this, so the export would give other logits; it is not "
+                              "exported")
         swiglu = bool(getattr(args, "swiglu", False))
         return cls(
             scheme=scheme, num_layers=args.num_layers, hidden_size=args.hidden_size,

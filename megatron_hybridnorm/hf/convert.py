@@ -73,9 +73,32 @@ def load_megatron(folder: Path, arch: Architecture):
     one_rank()
     model = arch.megatron_model()
     check_checkpoint(model, folder)
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(folder))
+    sharded = {"model": model.sharded_state_dict()}
+    _refuse_unexpected_model_keys(folder, sharded)
+    state = dist_checkpointing.load(sharded, str(folder))
     model.load_state_dict(state["model"])
     return model.eval()
+
+
+# the model's tensors in a dist checkpoint (beside them: optimizer state, RNG and common state)
+MODEL_KEYS = ("embedding.", "decoder.", "output_layer.", "mtp.")
+
+
+def _refuse_unexpected_model_keys(folder: Path, sharded: dict) -> None:
+    """megatron-core's load leaves out what the model does not ask for (a stored QKV bias, say):
+    the export would silently compute another model. Refuse instead, naming the keys."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from torch.distributed.checkpoint import FileSystemReader
+
+    stored = {k.split("/")[0] for k in FileSystemReader(str(folder)).read_metadata()
+              .state_dict_metadata}
+    wanted = {getattr(v, "key", "").split("/")[0] for v in nested_values(sharded)}
+    unexpected = sorted(k for k in stored - wanted if k.startswith(MODEL_KEYS))
+    if unexpected:
+        raise ExportError(f"{folder} holds model tensors this architecture has no place for "
+                          f"({', '.join(unexpected[:5])}{', ...' if len(unexpected) > 5 else ''}):"
+                          " the export would leave them out and compute another model; it is "
+                          "not exported")
 
 
 def export(checkpoint, out) -> Path:
