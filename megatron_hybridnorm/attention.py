@@ -49,11 +49,13 @@ class QKVNormSelfAttention(SelfAttention):
     def _build_head_norm(self, builder):
         if builder is None or builder is IdentityOp:
             return None
-        return builder(
+        norm = builder(
             config=self.config,
             hidden_size=self.hidden_size_per_attention_head,
             eps=self.config.layernorm_epsilon,
         )
+        norm.tp_group = self.pg_collection.tp  # this model's TP group, not the global one
+        return norm
 
     def _fused_qkv_norms(self, hidden_states, output_gate: bool, split_qkv: bool
                          ) -> tuple[str | None, str]:

@@ -74,6 +74,11 @@ class HybridTransformerLayer(TransformerLayer):
         )
         self._pending_add = None
         self._norm_residual = {}
+        tp_group = getattr(getattr(self, "pg_collection", None), "tp", None)
+        for name in ("input_layernorm", "pre_mlp_layernorm", "post_mlp_layernorm"):
+            norm = getattr(self, name)
+            if tp_group is not None and not isinstance(norm, IdentityOp):
+                norm.tp_group = tp_group  # this model's TP group (checkpoint replica ids)
         for m in self.modules():
             if isinstance(m, Norm):
                 m.reports_itself = False

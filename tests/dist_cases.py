@@ -115,3 +115,23 @@ def load_gpt_into_hybrid_and_eval(cases: list[dict], root: str, pattern: str) ->
         load_gpt_checkpoint(model, f"{root}/case{i}", pattern)
         losses.append(eval_loss([model]))
     return losses
+
+
+def full_width_norm_on_the_models_tp_group(case):
+    """FullWidthNorm on this rank's half of the heads, with the model's TP group (both ranks)
+    while megatron-core's global TP group is this rank alone: its statistics must be summed
+    over the model's group. Returns the output and the weight's gradient."""
+    from megatron_hybridnorm.check.models import small_config
+    from megatron_hybridnorm.norms import FullWidthNorm
+
+    x, w, grad = case
+    rank = torch.distributed.get_rank()
+    group = torch.distributed.new_group([0, 1])
+    norm = FullWidthNorm(small_config(tensor_model_parallel_size=2), x.shape[-1], spans="query")
+    heads = x.shape[-2] // 2
+    with torch.no_grad():
+        norm.weight.copy_(w[rank * heads * x.shape[-1]:(rank + 1) * heads * x.shape[-1]])
+    norm.tp_group = group
+    out = norm(x[..., rank * heads:(rank + 1) * heads, :])
+    out.backward(grad[..., rank * heads:(rank + 1) * heads, :])
+    return out.detach(), norm.weight.grad

@@ -101,3 +101,34 @@ def test_apex_path_matches_torch_path(kind, zero_centered):
         x.grad = w.grad = b.grad = None
     for a, t in zip(*grads):
         assert ((a - t).norm() / t.norm()).item() < 1e-2
+
+
+@pytest.mark.slow
+def test_full_width_norm_sums_over_the_models_tp_group_not_the_global_one():
+    """It all-reduced over megatron-core's global TP group, not the model's pg_collection.tp."""
+    import dist_cases
+    from megatron_hybridnorm.testing import Parallel, run_distributed
+
+    torch.manual_seed(0)
+    x, grad = torch.randn(3, 2, 4, 16), torch.randn(3, 2, 4, 16)
+    w = 1.0 + 0.3 * torch.randn(64)
+    ranks = run_distributed(dist_cases.full_width_norm_on_the_models_tp_group, 2,
+                            Parallel(tp=1), args=((x, w, grad),), timeout=300)
+    xf = x.reshape(3, 2, 64)  # one row of all heads, as at TP=1
+    wr = w.clone().requires_grad_(True)
+    ref = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * wr).reshape(3, 2, 4, 16)
+    ref.backward(grad)
+    out = torch.cat([r[0] for r in ranks], dim=2)
+    assert (out - ref).abs().max() < 1e-5
+    assert (torch.cat([r[1] for r in ranks]) - wr.grad).abs().max() < 1e-4
+
+
+def test_head_norms_and_layer_norms_take_the_models_tp_group(megatron_single_rank):
+    from helpers import build_gpt, tiny_config
+
+    model = build_gpt(tiny_config(), "hybridnorm_star", qkv_norm="full")
+    layer = model.decoder.layers[0]
+    tp = layer.pg_collection.tp
+    assert layer.self_attention.q_layernorm.tp_group is tp
+    assert layer.self_attention.v_layernorm.tp_group is tp
+    assert layer.input_layernorm.tp_group is tp

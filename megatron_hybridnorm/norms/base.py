@@ -42,5 +42,15 @@ class NormBase(torch.nn.Module):
             impl,
         )
 
+    # the tensor-parallel group of the module that owns this norm (its ``pg_collection.tp``),
+    # set by the attention or layer that builds it; None: megatron-core's global TP group
+    tp_group = None
+
+    def tensor_parallel_group(self):
+        from megatron.core import parallel_state
+
+        return self.tp_group if self.tp_group is not None else \
+            parallel_state.get_tensor_model_parallel_group()
+
     def extra_repr(self) -> str:
         return f"{self.kind}({self.weight.shape[0]}, eps={self.eps})"

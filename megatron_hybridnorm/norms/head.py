@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import (
     ensure_metadata_has_dp_cp_group,
@@ -96,7 +95,7 @@ class FullWidthNorm(NormBase):
                + (", all-reduced over TP)" if self.tp_size > 1 else ")"))
         shape = x.shape
         xf = x.reshape(*shape[:-2], shape[-2] * shape[-1]).float()
-        group = parallel_state.get_tensor_model_parallel_group() if self.tp_size > 1 else None
+        group = self.tensor_parallel_group() if self.tp_size > 1 else None
 
         def total(t):
             return _AllReduceSum.apply(t, group) if group is not None else t
@@ -118,6 +117,6 @@ class FullWidthNorm(NormBase):
             prefix,
             {"weight": 0, "bias": 0},  # sharded over TP like the heads
             sharded_offsets,
-            tp_group=parallel_state.get_tensor_model_parallel_group(),
+            tp_group=self.tensor_parallel_group(),
             dp_cp_group=metadata["dp_cp_group"],
         )

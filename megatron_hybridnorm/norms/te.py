@@ -47,7 +47,8 @@ def _without_checkpointed_extra_state(cls: type) -> type:
                      if not k.endswith("_extra_state")}
             return make_sharded_tensors_for_checkpoint(
                 state, prefix, {}, sharded_offsets,
-                tp_group=parallel_state.get_tensor_model_parallel_group(),
+                tp_group=getattr(self, "tp_group", None)
+                or parallel_state.get_tensor_model_parallel_group(),
                 dp_cp_group=metadata["dp_cp_group"])
 
         def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
