@@ -135,3 +135,33 @@ def full_width_norm_on_the_models_tp_group(case):
     out = norm(x[..., rank * heads:(rank + 1) * heads, :])
     out.backward(grad[..., rank * heads:(rank + 1) * heads, :])
     return out.detach(), norm.weight.grad
+
+
+def layer_spec_entry_point_stage(scheme: str, num_layers: int, vpp: int | None):
+    """This pipeline rank's GPTModel chunks built from the entry point as Megatron-LM before
+    0.19 builds them (the layer ModuleSpec as the spec): {global layer: its norm layout}."""
+    from dataclasses import asdict
+
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    from megatron_hybridnorm import entrypoints
+    from megatron_hybridnorm.check.models import SEQ, VOCAB, small_config
+
+    spec = entrypoints._layer_spec_entry_point(scheme, getattr(entrypoints, scheme))
+    config = small_config(num_layers=num_layers, pipeline_model_parallel_size=2,
+                          virtual_pipeline_model_parallel_size=vpp, transformer_impl="local",
+                          pipeline_dtype=torch.float32)
+    found = {}
+    for vp in range(vpp or 1):
+        first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp) \
+            if vpp else parallel_state.is_pipeline_first_stage()
+        last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp) \
+            if vpp else parallel_state.is_pipeline_last_stage()
+        model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=VOCAB,
+                         max_sequence_length=SEQ, position_embedding_type="rope",
+                         pre_process=first, post_process=last,
+                         vp_stage=vp if vpp else None)
+        found.update({layer.layer_number - 1: asdict(layer.norms)
+                      for layer in model.decoder.layers})
+    return found

@@ -135,3 +135,24 @@ def test_dist_checkpoint_loads_across_versions(tmp_path, direction):
         v_load, loss_load = loaded.split()
         assert v_save != v_load, (v_save, v_load)  # two versions really ran
         assert abs(float(loss_save) - float(loss_load)) < 1e-6, (saved, loaded)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme,vpp", [("hybridnorm_star", None), ("mixln", None),
+                                        ("hybridnorm_star", 2)])
+def test_layer_spec_entry_point_places_the_special_layers_globally_under_pp(scheme, vpp):
+    """Before 0.19 the entry point is one layer spec for every layer; SchemeLayer builds each
+    from its global position: HybridNorm*'s block 0 and Mix-LN's first layers, whatever the
+    pipeline stage and virtual stage."""
+    from dataclasses import asdict
+
+    import dist_cases
+    from megatron_hybridnorm.testing import Parallel, run_distributed
+
+    n = 8
+    ranks = run_distributed(dist_cases.layer_spec_entry_point_stage, 2,
+                            Parallel(pp=2, vpp=vpp), args=(scheme, n, vpp), timeout=300)
+    built = {k: v for r in ranks for k, v in r.items()}
+    assert sorted(built) == list(range(n)) and all(len(r) == n // 2 for r in ranks)
+    want = [asdict(lay) for lay in mh.get_scheme(scheme).layouts(n)]
+    assert [built[i] for i in range(n)] == want
