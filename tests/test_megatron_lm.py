@@ -13,12 +13,6 @@ from helpers import SEQ, VOCAB, batch, build_gpt, tiny_config
 from test_moe import MOE
 
 
-needs_training = pytest.mark.skipif(
-    importlib.util.find_spec("megatron.training") is None,
-    reason=f"megatron-core {compat.VERSION} ships no megatron.training (Megatron-LM's checkout "
-           "has it): the entry points are built as its gpt_builders.py does in test_versions.py")
-
-
 def build_like_megatron_lm(scheme, **config):
     """What pretrain_gpt.py does with --spec megatron_hybridnorm.entrypoints <scheme>: from 0.19,
     GPTModelBuilder calls the entry point; before, gpt_builders.py hands the object to
@@ -131,7 +125,20 @@ def test_inspect_cli_on_a_folder_that_is_no_checkpoint(tmp_path, capsys):
     assert e.value.code == 2 and "is not a dist checkpoint" in capsys.readouterr().err
 
 
-@needs_training
+def megatron_lm_load(monkeypatch, path):
+    """Megatron-LM's --load as the entry points read it: its global args where the wheel ships
+    megatron.training, else (megatron-core 0.16, whose Megatron-LM checkout brings it) the
+    entry points' own reader."""
+    from argparse import Namespace
+
+    if importlib.util.find_spec("megatron.training") is not None:
+        from megatron.training import global_vars
+
+        monkeypatch.setattr(global_vars, "_GLOBAL_ARGS", Namespace(load=str(path)))
+    else:
+        monkeypatch.setattr(entrypoints, "_megatron_lm_args", lambda: Namespace(load=str(path)))
+
+
 @pytest.mark.parametrize("saved,options,asked,env", [
     ("hybridnorm", {}, "prenorm", {}),
     ("hybridnorm", {}, "hybridnorm_star", {}),
@@ -141,16 +148,13 @@ def test_inspect_cli_on_a_folder_that_is_no_checkpoint(tmp_path, capsys):
 def test_entry_point_refuses_a_load_checkpoint_of_another_scheme(
         megatron_single_rank, tmp_path, monkeypatch, saved, options, asked, env):
     """Megatron-LM would load part of it in place before failing: refuse before building."""
-    from argparse import Namespace
-
     from megatron.core import dist_checkpointing
-    from megatron.training import global_vars
 
     from megatron_hybridnorm.layer import SchemeMismatchError
 
     model = build_gpt(tiny_config(), saved, **options)
     dist_checkpointing.save(model.sharded_state_dict(), str(tmp_path))
-    monkeypatch.setattr(global_vars, "_GLOBAL_ARGS", Namespace(load=str(tmp_path)))
+    megatron_lm_load(monkeypatch, tmp_path)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     with pytest.raises(SchemeMismatchError, match=f"--load {tmp_path} holds {saved}"):
@@ -160,13 +164,8 @@ def test_entry_point_refuses_a_load_checkpoint_of_another_scheme(
         getattr(entrypoints, saved)(tiny_config(transformer_impl="local"))
 
 
-@needs_training
 def test_entry_point_with_an_empty_load_folder_builds(tmp_path, monkeypatch):
-    from argparse import Namespace
-
-    from megatron.training import global_vars
-
-    monkeypatch.setattr(global_vars, "_GLOBAL_ARGS", Namespace(load=str(tmp_path)))
+    megatron_lm_load(monkeypatch, tmp_path)
     assert entrypoints.hybridnorm(tiny_config(transformer_impl="local")).layer_specs
 
 
