@@ -156,3 +156,40 @@ def test_layer_spec_entry_point_places_the_special_layers_globally_under_pp(sche
     assert sorted(built) == list(range(n)) and all(len(r) == n // 2 for r in ranks)
     want = [asdict(lay) for lay in mh.get_scheme(scheme).layouts(n)]
     assert [built[i] for i in range(n)] == want
+
+
+@pytest.mark.skipif(importlib.util.find_spec("megatron.training") is None,
+                    reason="this megatron-core's wheel ships no megatron.training (its parser)")
+@pytest.mark.parametrize("scheme", ["hybridnorm_star", "mixln"])
+def test_entry_point_through_this_versions_megatron_lm_parser(megatron_single_rank, capsys,
+                                                              scheme):
+    """--spec as this version's Megatron-LM reads it: its parser, its TransformerConfig from the
+    arguments, the imported object (called from 0.19, the spec itself before)."""
+    import argparse
+
+    from megatron.core.models.gpt import GPTModel
+    from megatron.training.arguments import (
+        add_megatron_arguments,
+        core_transformer_config_from_args,
+    )
+
+    parser = add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False))
+    args = parser.parse_args([
+        "--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
+        "--group-query-attention", "--num-query-groups", "2", "--ffn-hidden-size", "96",
+        "--swiglu", "--normalization", "RMSNorm", "--position-embedding-type", "rope",
+        "--disable-bias-linear", "--seq-length", "16", "--max-position-embeddings", "16",
+        "--micro-batch-size", "1", "--transformer-impl", "local", "--no-rope-fusion",
+        "--no-gradient-accumulation-fusion", "--no-persist-layer-norm",
+        "--spec", "megatron_hybridnorm.entrypoints", scheme])
+    args.params_dtype, args.kv_channels = torch.float32, 16
+    config = core_transformer_config_from_args(args)
+    spec = compat.import_module(tuple(args.spec))
+    if compat.SPEC_CALLABLES_ARE_CALLED:  # GPTModelBuilder
+        spec = spec(config, vp_stage=None)
+    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=VOCAB,
+                     max_sequence_length=SEQ, position_embedding_type="rope")
+    assert f"megatron-hybridnorm: built {scheme} on local modules" in capsys.readouterr().out
+    assert detect_scheme(model).scheme == scheme
+    tokens, labels, pos = batch()
+    assert torch.isfinite(model(tokens, pos, None, labels=labels)).all()
