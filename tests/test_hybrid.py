@@ -83,7 +83,7 @@ def test_star_dash_pattern_layers_are_the_gpt_layers_halves(scheme, pattern):
 
 def test_hybridnorm_star_block_is_the_models_first_attention_and_mlp_whatever_the_split():
     hn, pre = mh.schemes.HYBRID, mh.schemes.PRE_NORM
-    for pattern in ("MM*-M*-|*-", "MM|*M-*-*-", "M|M*|-*-"):
+    for pattern in ("MM*-M*-|*-", "MM|*-M*-*-", "M|M*|-*-"):  # (an M inside block 0 is refused)
         placed = pattern_layouts("hybridnorm_star", pattern)
         first = pattern.replace("|", "").index("*")
         mlp = pattern.replace("|", "").index("-", first)
