@@ -208,3 +208,20 @@ def test_local_and_te_checkpoints_interchange(tmp_path, scheme):
     dist_checkpointing.save(te.sharded_state_dict(), str(tmp_path / "te"))
     back = load(build(scheme, te=False, device="cuda"), tmp_path / "te")
     assert_close(logits_and_grads(back), logits_and_grads(local), 1e-6, f"{scheme} TE -> local")
+
+
+@te_gpu
+@pytest.mark.gpu
+def test_the_layout_init_and_the_norm_randomization_see_tes_fused_norms(megatron_single_rank):
+    """hybridnorm-check --backend te drew TE's fused norm weights (layer_norm_weight) as
+    weights; the CPU twin is tests/test_norm_names.py."""
+    from megatron_hybridnorm.layout_init import layout_invariant_init
+    from megatron_hybridnorm.norms.names import is_norm_parameter
+
+    model = build("prenorm", te=True, device="cuda")
+    fused = {n: p for n, p in model.named_parameters() if n.endswith("layer_norm_weight")}
+    assert fused and all(is_norm_parameter(n) for n in fused)
+    layout_invariant_init(model, model.config, seed=0)
+    assert all(torch.equal(p, torch.ones_like(p)) for p in fused.values())
+    randomize_norms(model)
+    assert not any(torch.equal(p, torch.ones_like(p)) for p in fused.values())
