@@ -69,36 +69,33 @@ def test_a_layout_the_world_cannot_hold_is_refused():
            "of 2" in out.stderr
 
 
-def test_the_command_under_torchrun(tmp_path):
+def torchrun_check(nproc: int, args: list[str], cwd):
+    """``python -m megatron_hybridnorm.check ARGS`` under torchrun on ``nproc`` CPU processes."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         "--master-port", str(port), "-m", "megatron_hybridnorm.check", "--scheme", "hybridnorm_star",
-         "--tp", "2", "--sp", "--out", str(tmp_path / "check.json")],
-        capture_output=True, text=True, cwd=ROOT, timeout=600,
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+         "--master-port", str(port), "-m", "megatron_hybridnorm.check", *args],
+        capture_output=True, text=True, cwd=cwd, timeout=600,
         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out
+
+
+def test_the_command_under_torchrun(tmp_path):
+    out = torchrun_check(2, ["--scheme", "hybridnorm_star", "--tp", "2", "--sp", "--out",
+                             str(tmp_path / "check.json")], ROOT)
     assert "PASS: 16/16 checks" in out.stdout
     assert "megatron-hybridnorm check: hybridnorm_star on local (fp32), TP 2 x PP 1 x CP 1 x " \
            "EP 1 x DP 1, SP; 2 ranks, gloo, cpu" in out.stdout
+    assert (tmp_path / "check.json").is_file()
 
 
 def test_the_command_writes_no_report_unless_asked(tmp_path):
     """It wrote check.json into the current directory by default (a checkout's, say)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
-         "--master-port", str(port), "-m", "megatron_hybridnorm.check", "--scheme", "hybridnorm"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    out = torchrun_check(1, ["--scheme", "hybridnorm"], tmp_path)
     assert "(--out PATH writes the JSON report)" in out.stdout
     assert list(tmp_path.iterdir()) == []
