@@ -151,7 +151,3 @@ def yarn_mscale(attention) -> float:
     compute = getattr(attention_module, "_yarn_get_concentration_factor_from_config", None)
     return 1.0 if compute is None else compute(attention.config)
 
-
-def config_value(config, name: str, default=None):
-    """A TransformerConfig field that older megatron-core versions do not have."""
-    return getattr(config, name, default)
