@@ -13,8 +13,10 @@ from test_train import SMALL, rows
 
 from megatron_hybridnorm.train import cli
 from megatron_hybridnorm.train.runs import RunKey
-from megatron_hybridnorm.train.stats import paired_interval, spread, t_cdf, t_quantile
-from megatron_hybridnorm.train.summary import orderings, summarize, sweep_table, table
+from megatron_hybridnorm.train.stats import (paired_interval, seeds_needed, spread, t_cdf,
+                                             t_quantile)
+from megatron_hybridnorm.train.summary import (orderings, summarize, sweep_table, table,
+                                               time_line, time_shares)
 
 
 # ---- statistics -------------------------------------------------------------------------------
@@ -52,6 +54,44 @@ def test_paired_interval_against_a_hand_computation():
     assert iv.excludes_zero
 
 
+def test_seeds_needed_against_a_hand_computation():
+    # the least n with t(0.975, n-1) * sd / sqrt(n) < |gap|, with t from a printed table:
+    # gap 0.02, sd 0.05 (ratio 0.4): n = 26: 2.0595 / 5.0990 = 0.4039, too wide;
+    #                                n = 27: 2.0555 / 5.1962 = 0.3956, enough
+    assert seeds_needed(0.02, 0.05) == 27
+    assert seeds_needed(-0.02, 0.05) == 27  # the sign does not matter
+    # the held-out prose corpus's HybridNorm* - Pre-Norm: -0.0200 with 95% interval
+    # [-0.0738, +0.0337] at 4 seeds, so sd = 0.05375 * 2 / 3.1824 = 0.03378 (ratio 0.592):
+    # n = 13: 2.1788 / 3.6056 = 0.6043, too wide; n = 14: 2.1604 / 3.7417 = 0.5774, enough
+    assert seeds_needed(-0.0200, 0.05375 * 2 / 3.1824) == 14
+    # a gap as large as the spread: n = 7: 2.4469 / 2.6458 = 0.925 < 1; n = 6: 2.5706 / 2.4495
+    assert seeds_needed(0.01, 0.01) == 7
+    assert seeds_needed(0.01, 0.0) == 2  # no spread: the fewest an interval needs
+    assert seeds_needed(0.0, 0.01) is None and seeds_needed(None, 0.01) is None
+    assert seeds_needed(0.01, None) is None
+    assert seeds_needed(1e-4, 0.05) is None  # more than 1000 seeds
+    # and the interval at the n it names does exclude 0 (a check of the search, not the table)
+    for gap, sd in ((0.02, 0.05), (0.003, 0.01), (0.05, 0.02)):
+        n = seeds_needed(gap, sd)
+        assert t_quantile(0.975, n - 1) * sd / math.sqrt(n) < gap
+        assert t_quantile(0.975, n - 2) * sd / math.sqrt(n - 1) >= gap or n == 2
+
+
+def test_time_shares_add_up_and_say_where_the_minutes_went():
+    outcomes = [{"wall_s": 100.0, "phase_s": {"step": 80.0, "eval": 10.0, "build": 2.0}},
+                {"wall_s": 50.0, "phase_s": {"step": 40.0, "eval": 5.0, "data": 0.5}},
+                {"wall_s": 30.0}]  # a run from before phases were recorded: left out
+    t = time_shares(outcomes)
+    assert t["runs"] == 2 and t["wall_s"] == 150.0
+    assert t["seconds"]["step"] == 120.0 and t["seconds"]["eval"] == 15.0
+    assert t["seconds"]["other"] == pytest.approx(150 - 120 - 15 - 2 - 0.5)
+    assert sum(t["share"].values()) == pytest.approx(1.0)
+    line = time_line(t)
+    assert line.startswith("where the time went (2 runs, 2.5 min): training steps 80.0%, "
+                           "evaluation 10.0%, other 8.3%, model build 1.3%, data loading 0.3%")
+    assert time_shares([{"wall_s": 30.0}]) is None
+
+
 def test_one_pair_has_no_interval_and_spread_of_one_has_no_std():
     iv = paired_interval([1.0], [2.0])
     assert (iv.mean, iv.low, iv.high, iv.excludes_zero) == (-1.0, None, None, False)
@@ -76,6 +116,18 @@ def test_orderings_say_what_the_seeds_support_and_what_not():
     assert any(line.startswith("hybridnorm_star < prenorm") for line in o["supported"])
     [open_] = o["not_supported"]
     assert open_.startswith("hybridnorm vs hybridnorm_star: not resolved") and "includes 0" in open_
+    # differences 0.01, 0, -0.01 (hybridnorm - hybridnorm_star): mean 0, no gap to resolve
+    assert open_.endswith("3 seeds); no gap at all"), open_
+    pair = {(p["a"], p["b"]): p["a_minus_b"] for p in o["pairs"]}
+    assert pair["prenorm", "hybridnorm"]["mean"] == pytest.approx(0.04)
+    assert pair["prenorm", "hybridnorm"]["excludes_zero"]
+    assert pair["prenorm", "hybridnorm"]["seeds_needed"] == seeds_needed(
+        pair["prenorm", "hybridnorm"]["mean"], pair["prenorm", "hybridnorm"]["std"])
+    r = _records({"prenorm": [1.40, 1.42, 1.39], "hybridnorm": [1.41, 1.38, 1.37]})
+    [open_] = orderings(r, ["prenorm", "hybridnorm"], [0, 1, 2])["not_supported"]
+    # differences -0.01, +0.04, +0.02: mean 0.01667, sd 0.02517 (ratio 0.662): n = 12:
+    # 2.2010 / 3.4641 = 0.635 < 0.662; n = 11: 2.2281 / 3.3166 = 0.672, too wide
+    assert open_.endswith("a 95% interval would exclude 0 from 12 seeds"), open_
     assert o["paper"] == ("the paper's ordering hybridnorm_star < hybridnorm < prenorm is not "
                           "contradicted, but not resolved for: hybridnorm_star < hybridnorm")
 
@@ -133,7 +185,8 @@ def test_summary_and_table_hold_every_field():
     assert d["n"] == 2 and d["confidence"] == 0.95 and d["excludes_zero"]
     assert set(hn["minus_baseline"]) == {"final_val_loss", "best_val_loss"}
     assert "minus_baseline" not in low["schemes"]["prenorm"]
-    assert set(low["orderings"]) == {"supported", "not_supported", "paper"}
+    assert set(low["orderings"]) == {"supported", "not_supported", "paper", "pairs"}
+    assert d["seeds_needed"] == 2  # the gap is the same under both seeds
     assert high["schemes"]["prenorm"]["diverged"] == 2
     assert high["schemes"]["prenorm"]["final_val_loss"]["n"] == 0
     assert high["schemes"]["hybridnorm"]["minus_baseline"]["final_val_loss"]["n"] == 0

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from .corpora import NAMES
 from .presets import PRESETS
 
 DEFAULT_SCHEMES = "prenorm,postnorm,hybridnorm,hybridnorm_star"
@@ -93,6 +94,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     g.add_argument("--sp", action="store_true", help="sequence parallelism (needs --tp > 1)")
     g = p.add_argument_group("data (default: the Python standard library, bytes)")
+    g.add_argument("--corpus", choices=NAMES, default=None,
+                   help="a named corpus: stdlib (the Python standard library, code; the "
+                        "default) or austen (Jane Austen's novels, English prose; fetched once, "
+                        "see megatron_hybridnorm/train/corpora.py)")
     g.add_argument("--text", default=None, help="a plain text file, or JSONL with a text field")
     g.add_argument("--data-path", default=None,
                    help="PREFIX of a Megatron indexed dataset (PREFIX.bin, PREFIX.idx)")
@@ -325,7 +330,7 @@ def main(argv=None) -> int:
     from .loop import SchemeRun
     from .plots import plot
     from .runs import run_keys, tag
-    from .summary import summarize, table
+    from .summary import summarize, table, time_shares
 
     try:
         folder = run_folder(args)
@@ -334,7 +339,7 @@ def main(argv=None) -> int:
             args.grad_flow_steps = ",".join(map(str, args.grad_flow_steps))
         resolve(args, dist.world_size(), torch.cuda.is_available())
         corpus = load_corpus(args.text, args.data_path, args.vocab_size,
-                             int(args.max_corpus_mb * 1e6))
+                             int(args.max_corpus_mb * 1e6), args.corpus)
         for split, stream in (("training", corpus.train), ("validation", corpus.val)):
             if len(stream) <= args.seq_len + 1:
                 raise DataError(f"the {split} split has {len(stream)} tokens, too few for "
@@ -391,7 +396,7 @@ def main(argv=None) -> int:
         if outcome.diverged_step is None and key.seed == args.seed and key.lr == keys[0].lr:
             samples[key.scheme] = run.sample(prompt)
         outcomes[name] = {"diverged_step": outcome.diverged_step,
-                          "wall_s": time.perf_counter() - t_start}
+                          "wall_s": time.perf_counter() - t_start, "phase_s": dict(run.times)}
         t_start = time.perf_counter()
         if main_rank:
             outcomes_path.write_text(json.dumps(outcomes, indent=2))
@@ -400,6 +405,7 @@ def main(argv=None) -> int:
         rows = read_jsonl(folder / "metrics.jsonl")
         summary = summarize(rows, keys, diverged, args.baseline)
         summary["wall_s"] = sum(o.get("wall_s", 0.0) for o in outcomes.values())
+        summary["time_shares"] = time_shares(outcomes.values())
         (folder / "summary.json").write_text(json.dumps(summary, indent=2))
         figures = plot(folder, summary, rows, read_jsonl(folder / "grad_flow.jsonl"))
         print("\n" + table(summary))

@@ -1,7 +1,7 @@
 """Training data: token streams with a held-out split, and deterministic batches.
 
 The default corpus is the running Python's standard library, read at byte level: real text that
-every machine has, with no download. Batches are random windows drawn from a generator seeded by
+every machine has, with no download (``corpora.py`` names the others). Batches are random windows drawn from a generator seeded by
 (seed, step), so every scheme sees the same data in the same order, a resumed run sees what an
 uninterrupted one would, and the global batch does not depend on the data-parallel size.
 """
@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 BYTE_VOCAB = 256
 HELD_OUT_EVERY = 20  # every 20th document is validation
@@ -170,18 +169,27 @@ def indexed_corpus(prefix: str, vocab_size: int | None) -> Corpus:
 
 
 def load_corpus(text: str | None, data_path: str | None, vocab_size: int | None,
-                max_bytes: int) -> Corpus:
-    if text and data_path:
-        raise DataError("pass --text or --data-path, not both")
+                max_bytes: int, corpus: str | None = None) -> Corpus:
+    """``--text``, ``--data-path`` or the named ``--corpus`` (default: the standard library)."""
+    given = [f for f, v in (("--text", text), ("--data-path", data_path), ("--corpus", corpus))
+             if v]
+    if len(given) > 1:
+        raise DataError(f"pass one of --text, --data-path and --corpus, not {' and '.join(given)}")
     if data_path:
         return indexed_corpus(data_path, vocab_size)
     if vocab_size is not None:
         raise DataError("--vocab-size applies to --data-path only (byte-level text has 256)")
-    return text_corpus(text, max_bytes) if text else stdlib_corpus(max_bytes)
+    if text:
+        return text_corpus(text, max_bytes)
+    from .corpora import named_corpus
+
+    return named_corpus(corpus or "stdlib", max_bytes)
 
 
 def get_batch(stream: TokenStream, seed: int, step: int, batch_size: int, seq_len: int):
     """Global batch ``step``: (tokens, labels), each [batch_size, seq_len]."""
+    import torch
+
     if len(stream) <= seq_len + 1:
         raise DataError(f"the data ({len(stream)} tokens) is shorter than --seq-len {seq_len} + 1")
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -77,6 +78,19 @@ def layer_grad_norms(ddp, num_layers: int, device) -> list[float]:
     return sq.sqrt().tolist()
 
 
+class PhaseTimes(dict):
+    """Seconds per phase of a run (build, data, step, eval, save, sample): where a study's
+    minutes go, so that a cheaper evaluation or data path is chosen by measurement."""
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[phase] = self.get(phase, 0.0) + time.perf_counter() - t0
+
+
 class SchemeRun:
     """Builds one run's model (a scheme under a seed and a peak learning rate) and trains it;
     logs through ``log`` (a log.RunLog)."""
@@ -84,8 +98,10 @@ class SchemeRun:
     def __init__(self, args, key: RunKey, corpus: Corpus, log, device, ckpt_dir, name: str):
         self.args, self.key, self.corpus, self.log = run_args(args, key), key, corpus, log
         self.device, self.ckpt_dir, self.name = device, ckpt_dir, name
-        self.ddp, self.optimizer, self.scheduler, self.config = build(
-            self.args, key.scheme, corpus.vocab_size)
+        self.times = PhaseTimes()
+        with self.times("build"):
+            self.ddp, self.optimizer, self.scheduler, self.config = build(
+                self.args, key.scheme, corpus.vocab_size)
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         self.fwd_bwd = get_forward_backward_func()
@@ -106,7 +122,7 @@ class SchemeRun:
 
     def evaluate(self) -> float:
         self.ddp.eval()
-        with torch.no_grad():
+        with self.times("eval"), torch.no_grad():
             values = [
                 self._run_batch(*get_batch(self.corpus.val, self.args.val_seed, i,
                                            self.args.batch_size, self.args.seq_len), True)
@@ -128,7 +144,7 @@ class SchemeRun:
         model.eval()
         tokens = prompt.to(self.device)
         tp = parallel_state.get_tensor_model_parallel_world_size()
-        with torch.no_grad():
+        with self.times("sample"), torch.no_grad():
             for _ in range(new):
                 window = tokens[:, -self.args.seq_len:]
                 if self.config.sequence_parallel:  # the sequence splits evenly over TP ranks
@@ -146,8 +162,9 @@ class SchemeRun:
             self.step = step
 
     def save(self):
-        return checkpoint.save(self.ckpt_dir, unwrap(self.ddp), self.optimizer, self.scheduler,
-                               self.step)
+        with self.times("save"):
+            return checkpoint.save(self.ckpt_dir, unwrap(self.ddp), self.optimizer,
+                                   self.scheduler, self.step)
 
     def train(self, progress) -> Outcome:
         args = self.args
@@ -158,17 +175,19 @@ class SchemeRun:
         with _StopOnInterrupt() as stop:
             while self.step < args.steps:
                 t0 = time.perf_counter()
-                tokens, labels = get_batch(self.corpus.train, args.seed, self.step,
-                                           args.batch_size, args.seq_len)
-                self.ddp.zero_grad_buffer()
-                self.optimizer.zero_grad()
-                loss = self._run_batch(tokens, labels, forward_only=False)
-                next_step = self.step + 1
-                if next_step in args.grad_flow_steps:
-                    self.log.grad_flow(self.key, next_step,
-                                       layer_grad_norms(self.ddp, args.layers, self.device))
-                _, grad_norm, _ = self.optimizer.step()
-                self.scheduler.step(1)
+                with self.times("data"):
+                    tokens, labels = get_batch(self.corpus.train, args.seed, self.step,
+                                               args.batch_size, args.seq_len)
+                with self.times("step"):
+                    self.ddp.zero_grad_buffer()
+                    self.optimizer.zero_grad()
+                    loss = self._run_batch(tokens, labels, forward_only=False)
+                    next_step = self.step + 1
+                    if next_step in args.grad_flow_steps:
+                        self.log.grad_flow(self.key, next_step,
+                                           layer_grad_norms(self.ddp, args.layers, self.device))
+                    _, grad_norm, _ = self.optimizer.step()
+                    self.scheduler.step(1)
                 self.step = next_step
                 dt = time.perf_counter() - t0
                 grad_norm = float("nan") if grad_norm is None else float(grad_norm)

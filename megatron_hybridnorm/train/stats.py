@@ -99,3 +99,32 @@ def paired_interval(a: list[float], b: list[float], confidence: float = CONFIDEN
         return Interval(s.mean, s.std, s.n, confidence=confidence)
     half = t_quantile(0.5 + confidence / 2, s.n - 1) * s.std / math.sqrt(s.n)
     return Interval(s.mean, s.std, s.n, s.mean - half, s.mean + half, confidence)
+
+
+SEEDS_LIMIT = 1000
+
+
+def seeds_needed(mean: float | None, std: float | None, confidence: float = CONFIDENCE,
+                 limit: int = SEEDS_LIMIT) -> int | None:
+    """The fewest seeds n whose paired interval would exclude 0 if the mean difference and its
+    standard deviation stayed as measured: the least n with t(n-1) * std / sqrt(n) < |mean|.
+    It tells "too few seeds" from "no effect to see". None: no mean or spread to go on, a mean
+    of 0, or more than ``limit`` seeds."""
+    if mean is None or std is None or mean == 0:
+        return None
+    if std == 0:
+        return 2
+
+    def enough(n: int) -> bool:
+        return t_quantile(0.5 + confidence / 2, n - 1) * std / math.sqrt(n) < abs(mean)
+
+    if not enough(limit):
+        return None
+    lo, hi = 2, limit  # t(n-1) / sqrt(n) falls as n grows: bisect for the first n enough
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if enough(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo

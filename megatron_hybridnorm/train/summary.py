@@ -9,7 +9,7 @@ from itertools import combinations
 
 from .log import num
 from .runs import RunKey
-from .stats import paired_interval, spread
+from .stats import SEEDS_LIMIT, paired_interval, seeds_needed, spread
 
 # the paper's claim, best first (arXiv 2503.04598: 1.2B dense at 1T tokens, val loss
 # 2.796 / 2.805 / 2.816)
@@ -61,16 +61,27 @@ def compare(records: dict, schemes: list[str], seeds: list[int], baseline: str, 
 
 
 def _interval(iv) -> dict:
-    return dict(iv.as_dict(), excludes_zero=iv.excludes_zero)
+    return dict(iv.as_dict(), excludes_zero=iv.excludes_zero,
+                seeds_needed=seeds_needed(iv.mean, iv.std))
+
+
+def _needed(iv) -> str:
+    """What more seeds would do for an open pair, in words."""
+    n = seeds_needed(iv.mean, iv.std)
+    if n is None:
+        return (f"at this gap and spread even {SEEDS_LIMIT} seeds would not resolve it"
+                if iv.mean else "no gap at all")
+    return f"at this gap and spread a 95% interval would exclude 0 from {n} seeds"
 
 
 def orderings(records: dict, schemes: list[str], seeds: list[int]) -> dict:
     """Which orderings of final validation loss the seeds support (the 95% interval of the
     paired difference excludes zero) and which they leave open, in words."""
-    supported, open_ = [], []
+    supported, open_, pairs = [], [], []
     lower: set[tuple[str, str]] = set()  # (a, b): a is supported lower than b
     for a, b in combinations(schemes, 2):
         iv = _paired(records, a, b, seeds, "final_val_loss")
+        pairs.append(dict(a=a, b=b, a_minus_b=_interval(iv)))
         if iv.n < 2:
             open_.append(f"{a} vs {b}: {iv.n} seed(s) with both runs finished; an interval "
                          "needs at least 2 (run --seeds 3 or more)")
@@ -85,8 +96,10 @@ def orderings(records: dict, schemes: list[str], seeds: list[int]) -> dict:
                              f"{low:+.4f} to {high:+.4f}, {iv.n} seeds)")
         else:
             open_.append(f"{a} vs {b}: not resolved, {a} - {b} = {iv.mean:+.4f} (95% interval "
-                         f"{iv.low:+.4f} to {iv.high:+.4f} includes 0, {iv.n} seeds)")
-    return dict(supported=supported, not_supported=open_, paper=_paper_verdict(schemes, lower))
+                         f"{iv.low:+.4f} to {iv.high:+.4f} includes 0, {iv.n} seeds); "
+                         + _needed(iv))
+    return dict(supported=supported, not_supported=open_, paper=_paper_verdict(schemes, lower),
+                pairs=pairs)
 
 
 def _paper_verdict(schemes: list[str], lower: set) -> str | None:
@@ -135,6 +148,29 @@ def summarize(rows: list[dict], keys: list[RunKey], diverged: dict, baseline: st
         comparisons=comparisons,
         lr_sweep=sweep(records, schemes, seeds, lrs) if len(lrs) > 1 else None,
     )
+
+
+PHASES = {"step": "training steps", "eval": "evaluation", "data": "data loading",
+          "build": "model build", "save": "checkpoints", "sample": "samples"}
+
+
+def time_shares(outcomes) -> dict | None:
+    """Seconds and share of the runs' wall time per phase, over the runs that recorded them."""
+    timed = [o for o in outcomes if "phase_s" in o]
+    wall = sum(o["wall_s"] for o in timed)
+    if not timed or wall <= 0:
+        return None
+    seconds = {p: sum(o["phase_s"].get(p, 0.0) for o in timed) for p in PHASES}
+    seconds["other"] = max(0.0, wall - sum(seconds.values()))
+    return dict(wall_s=wall, runs=len(timed), seconds=seconds,
+                share={p: v / wall for p, v in seconds.items()})
+
+
+def time_line(shares: dict) -> str:
+    parts = [f"{PHASES.get(p, p)} {v:.1%}" for p, v in
+             sorted(shares["share"].items(), key=lambda kv: -kv[1]) if v >= 0.0005]
+    return (f"where the time went ({shares['runs']} runs, {shares['wall_s'] / 60:.1f} min): "
+            + ", ".join(parts))
 
 
 def _f(v, digits=4) -> str:
@@ -187,6 +223,8 @@ def table(summary: dict) -> str:
         out.append("")
     if summary["lr_sweep"]:
         out.append(sweep_table(summary))
+    if summary.get("time_shares"):
+        out.append(time_line(summary["time_shares"]))
     return "\n".join(out).rstrip()
 
 
