@@ -15,8 +15,9 @@ from megatron_hybridnorm.train import cli
 from megatron_hybridnorm.train.runs import RunKey
 from megatron_hybridnorm.train.stats import (paired_interval, seeds_needed, spread, t_cdf,
                                              t_quantile)
-from megatron_hybridnorm.train.summary import (orderings, summarize, sweep_table, table,
+from megatron_hybridnorm.train.summary import (orderings, refresh, summarize, sweep_table, table,
                                                time_line, time_shares)
+from megatron_hybridnorm.train import summary as summary_module
 
 
 # ---- statistics -------------------------------------------------------------------------------
@@ -199,6 +200,33 @@ def test_summary_and_table_hold_every_field():
     json.dumps(summary)  # all of it is JSON
 
 
+def test_a_saved_summary_is_refreshed_from_its_runs(tmp_path, capsys):
+    runs = [dict(scheme=s, seed=seed, peak_lr=3e-3, steps=10, initial_val_loss=5.0,
+                 final_val_loss=v, best_val_loss=v, diverged=False, diverged_step=None,
+                 tokens_per_s=100.0)
+            for s, values in (("prenorm", [1.62, 1.64, 1.61]), ("hybridnorm", [1.57, 1.60, 1.58]))
+            for seed, v in zip((1, 2, 3), values)]
+    old = dict(schemes=["prenorm", "hybridnorm"], seeds=[1, 2, 3], peak_lrs=[3e-3],
+               baseline="prenorm", runs=runs, wall_s=12.5,
+               comparisons=[{"orderings": {"supported": [], "not_supported": ["stale"]}}])
+    new = refresh(old)
+    assert new["runs"] == runs and new["wall_s"] == 12.5  # measured values kept
+    [c] = new["comparisons"]
+    d = c["schemes"]["hybridnorm"]["minus_baseline"]["final_val_loss"]
+    assert d["mean"] == pytest.approx(-0.04) and "seeds_needed" in d
+    assert [p["a"] for p in c["orderings"]["pairs"]] == ["prenorm"]
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "summary.json").write_text(json.dumps(old))
+    assert summary_module.main([str(folder)]) == 0
+    assert json.loads((folder / "summary.json").read_text())["comparisons"] == json.loads(
+        json.dumps(new["comparisons"]))
+    assert "hybridnorm < prenorm" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        summary_module.main([str(tmp_path / "nothing")])
+    assert e.value.code == 2 and "summary.json does not exist" in capsys.readouterr().err
+
+
 # ---- flags ------------------------------------------------------------------------------------
 
 
@@ -320,6 +348,14 @@ def test_two_seeds_two_schemes(tmp_path):
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["seeds"] == [7, 8] and summary["baseline"] == "prenorm"
     assert summary["lr_sweep"] is None and summary["wall_s"] > 0
+    shares = summary["time_shares"]
+    assert shares["runs"] == 4 and shares["wall_s"] == pytest.approx(summary["wall_s"])
+    assert shares["seconds"]["step"] > shares["seconds"]["data"] > 0
+    assert sum(shares["share"].values()) == pytest.approx(1.0)
+    assert "where the time went (4 runs" in out.stdout
+    outcomes = json.loads((folder / "outcomes.json").read_text())
+    assert all(set(o["phase_s"]) >= {"build", "data", "step", "eval", "save"}
+               for o in outcomes.values())
     assert {(r["scheme"], r["seed"]) for r in summary["runs"]} == {
         (s, seed) for s in ("prenorm", "hybridnorm_star") for seed in (7, 8)}
     init_losses = {(r["scheme"], r["seed"]): r["initial_val_loss"] for r in summary["runs"]}

@@ -140,14 +140,28 @@ def summarize(rows: list[dict], keys: list[RunKey], diverged: dict, baseline: st
     seeds = sorted({k.seed for k in keys})
     lrs = sorted({k.lr for k in keys})
     records = {(k.scheme, k.seed, k.lr): run_record(rows, k, diverged.get(k)) for k in keys}
+    return from_runs(list(records.values()), schemes, seeds, lrs, baseline)
+
+
+def from_runs(runs: list[dict], schemes: list[str], seeds: list[int], lrs: list[float],
+              baseline: str) -> dict:
+    """The statistics of summary.json from its per-run records alone."""
+    records = {(r["scheme"], r["seed"], r["peak_lr"]): r for r in runs}
     comparisons = [compare({(s, seed): records[s, seed, lr] for s in schemes for seed in seeds},
                            schemes, seeds, baseline, lr) for lr in lrs]
     return dict(
-        schemes=schemes, seeds=seeds, peak_lrs=lrs, baseline=baseline,
-        runs=list(records.values()),
+        schemes=schemes, seeds=seeds, peak_lrs=lrs, baseline=baseline, runs=runs,
         comparisons=comparisons,
         lr_sweep=sweep(records, schemes, seeds, lrs) if len(lrs) > 1 else None,
     )
+
+
+def refresh(summary: dict) -> dict:
+    """A saved summary.json with its statistics computed again by this version's code (from its
+    per-run records; their losses are kept as they were measured, and so are its other fields)."""
+    new = from_runs(summary["runs"], summary["schemes"], summary["seeds"], summary["peak_lrs"],
+                    summary["baseline"])
+    return {**summary, **new}
 
 
 PHASES = {"step": "training steps", "eval": "evaluation", "data": "data loading",
@@ -247,3 +261,26 @@ def sweep_table(summary: dict) -> str:
             cells.append(f"{cell:>16}")
         lines.append(f"{s:<{w}}" + "".join(cells))
     return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """``python -m megatron_hybridnorm.train.summary FOLDER``: recompute a run folder's
+    summary.json statistics with this version (after a statistic is added) and print its table."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(prog="python -m megatron_hybridnorm.train.summary",
+                                description=main.__doc__.split(":", 1)[1].strip())
+    p.add_argument("folder", help="a run folder holding summary.json")
+    path = Path(p.parse_args(argv).folder) / "summary.json"
+    if not path.is_file():
+        p.exit(2, f"{p.prog}: error: {path} does not exist\n")
+    summary = refresh(json.loads(path.read_text()))
+    path.write_text(json.dumps(summary, indent=2))
+    print(table(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
