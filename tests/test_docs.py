@@ -27,10 +27,11 @@ def test_nothing_cites_a_file_outside_the_repository():
 def test_readme_scheme_table_is_the_scheme_descriptions():
     from megatron_hybridnorm.schemes import SCHEME_TABLE, markdown_table
 
-    readme = (ROOT / "README.md").read_text()
-    assert markdown_table() in readme
-    for name in SCHEME_TABLE:  # every scheme has its row and its form
-        assert f"| `{name}` |" in readme and SCHEME_TABLE[name].form
+    for page in ("README.md", "docs/schemes.md"):
+        text = (ROOT / page).read_text()
+        assert markdown_table() in text, page
+        for name in SCHEME_TABLE:  # every scheme has its row and its form
+            assert f"| `{name}` |" in text and SCHEME_TABLE[name].form
 
 
 # the README examples' paper-sized settings, and the small ones the tests build
@@ -61,7 +62,7 @@ def test_readme_gptmodel_example_builds(megatron_single_rank):
 
 
 def test_readme_hybridmodel_example_builds(megatron_single_rank):
-    """The README's HybridModel example, at a smaller size, after the GPTModel example's
+    """docs/hybrid-model.md's example, at a smaller size, after the README's GPTModel example's
     imports: HybridNorm* on a ``*-`` pattern, SmallInit counting blocks."""
     import math
     import re
@@ -73,7 +74,8 @@ def test_readme_hybridmodel_example_builds(megatron_single_rank):
     readme = (ROOT / "README.md").read_text()
     gpt = re.search(r"## Using the specs in your own Megatron code\n\n```python\n(.*?)```",
                     readme, re.S).group(1)
-    code = re.search(r"## HybridModel: .*?```python\n(.*?)```", readme, re.S).group(1)
+    page = (ROOT / "docs" / "hybrid-model.md").read_text()
+    code = re.search(r"# HybridModel: .*?```python\n(.*?)```", page, re.S).group(1)
     small = {'"*-" * 16': '"*-" * 2', **SMALL}
     for big, little in small.items():
         assert big in code, big
@@ -125,3 +127,18 @@ def test_version_matrix_counts_a_junit_file(tmp_path):
     assert areas["hybrid"]["skipped"] == 1 and areas["hybrid"]["skip_reasons"] == ["no HybridModel"]
     assert cell(areas["reference"]) == "**1 failed** (1/2)" and cell(areas["hybrid"]) == "skipped"
     assert cell(areas["tp"]) == "not run"
+
+
+def test_readme_is_a_landing_page_with_links_that_resolve():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if target.startswith("http"):
+                continue
+            assert (page.parent / target).exists(), f"{page.name}: {target}"
+    linked = set(re.findall(r"\(docs/([\w-]+\.md)\)", readme))
+    assert linked == {p.name for p in pages[1:]}, "every docs page is linked from the README"
