@@ -249,6 +249,9 @@ def test_preset_sets_defaults_that_flags_override():
     (["--lr-sweep", "1e-3,1e-2", "--lr", "1e-3"], "--lr-sweep replaces --lr; pass one of them"),
     (["--init-truncation", "-1"], "--init-truncation must be 0"),
     (["--preset", "nonsense"], "invalid choice: 'nonsense'"),
+    (["--steps", "5", "--warmup", "5"], "--warmup 5 must lie in 0..4 (below --steps)"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--corpus", "austen", "--text", "x.txt"], "one of --text, --data-path and --corpus"),
 ])
 def test_bad_study_flags_fail_before_any_work(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_:

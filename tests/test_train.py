@@ -250,6 +250,26 @@ def test_default_run_learns_in_under_six_minutes(tmp_path):
                                               "val_loss", "grad_norm", "tokens_per_s", "lr"}
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["args"]["layers"] == 6 and cfg["args"]["hidden"] == 256
+    # quiet: none of megatron-core's import-time fallback warnings, and the norms' kernel paths
+    # collected into the run folder and named once, after the tables, not inside a bar
+    both = out.stdout + out.stderr
+    for noise in ("Warning", "Falling back", "No CUDA runtime", "megatron-hybridnorm: norm "
+                  "kernels", "INFO:"):
+        assert noise not in both, noise
+    assert out.stdout.index("norm kernels: torch in every layer") > out.stdout.index("final val")
+    lines = (folder / "kernel_paths.txt").read_text().splitlines()
+    assert lines and all(line.startswith("megatron-hybridnorm: norm kernels of ") for line in lines)
+
+
+def test_verbose_shows_megatron_cores_warnings_and_the_package_imports_it_lazily(tmp_path):
+    out = run(["--verbose", "--steps", "1", "--schemes", "prenorm", "--eval-interval", "1",
+               "--runs-dir", str(tmp_path)], timeout=300)
+    assert "Falling back" in out.stderr
+    probe = subprocess.run([sys.executable, "-c", "import sys, megatron_hybridnorm as mh; "
+                            "import megatron_hybridnorm.train.cli; "
+                            "print('megatron' in sys.modules, mh.SCHEMES[0], mh.specs.__name__)"],
+                           capture_output=True, text=True, check=True)
+    assert probe.stdout.split() == ["False", "prenorm", "megatron_hybridnorm.specs"]
 
 
 def test_data_shorter_than_a_sequence_is_refused(tmp_path, capsys):

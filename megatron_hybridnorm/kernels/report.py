@@ -3,7 +3,8 @@
 Norm modules and the attention keep the path of their last call in ``kernel_path``. A layer
 reports its table after its first forward; a norm outside the layers (the final norm) reports
 itself. A table already shown in this process is not shown again, so a model prints one line per
-distinct kind of layer. Printed on rank 0, like Megatron's start-up lines.
+distinct kind of layer. Printed on rank 0, like Megatron's start-up lines, or collected
+(``divert``) by a tool that prints them after its progress bars.
 """
 
 from __future__ import annotations
@@ -11,6 +12,14 @@ from __future__ import annotations
 import torch
 
 _shown: set = set()
+_sink: list | None = None
+
+
+def divert(sink: list | None) -> None:
+    """Collect the report lines in ``sink`` instead of printing them (a tool with progress bars
+    prints them once, afterwards); None prints them again."""
+    global _sink
+    _sink = sink
 
 
 def record(module: torch.nn.Module, path: str) -> None:
@@ -33,7 +42,10 @@ def report(what: str, module: torch.nn.Module) -> str | None:
     line = f"megatron-hybridnorm: norm kernels of {what}: " + "; ".join(
         f"{name}: {path}" for name, path in table.items())
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        print(line, flush=True)
+        if _sink is not None:
+            _sink.append(line)
+        else:
+            print(line, flush=True)
     return line
 
 

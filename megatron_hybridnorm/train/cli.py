@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -173,13 +174,15 @@ def resolve(args, world_size: int, cuda: bool):
         args.ffn_hidden = max(64, round(args.hidden * 8 / 3 / 64) * 64)
     if args.dtype is None:
         args.dtype = "bf16" if cuda else "fp32"
-    if args.warmup is None:
-        args.warmup = max(1, args.steps // 10)
     positive = ("layers", "hidden", "heads", "kv_heads", "ffn_hidden", "seq_len", "steps",
                 "batch_size", "tp", "pp", "eval_interval", "eval_batches")
     for k in positive:
         if getattr(args, k) < 1:
             raise ArgError(f"--{k.replace('_', '-')} must be at least 1")
+    if args.warmup is None:  # Megatron's scheduler needs fewer warm-up steps than steps
+        args.warmup = min(max(1, args.steps // 10), args.steps - 1)
+    if not 0 <= args.warmup < args.steps:
+        raise ArgError(f"--warmup {args.warmup} must lie in 0..{args.steps - 1} (below --steps)")
     if args.lr <= 0:
         raise ArgError("--lr must be positive")
     if args.hidden % args.heads:
@@ -313,7 +316,7 @@ def quiet() -> None:
 
     warnings.filterwarnings("ignore", module=r"megatron\..*")
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|absl).*")
-    for name in ("megatron", "torch.utils.cpp_extension"):
+    for name in ("megatron", "torch.utils.cpp_extension", "matplotlib"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -349,6 +352,10 @@ def main(argv=None) -> int:
 
     device = dist.setup(args.tp, args.pp, args.seed)
     main_rank = dist.is_main()
+    from ..kernels import report
+
+    kernel_paths: list[str] = []  # the norms' kernel paths, printed after the progress bars
+    report.divert(kernel_paths)
     keys = run_keys(args)
     progress = Progress(main_rank, args.steps, max(len(tag(args, k)) for k in keys))
     log = RunLog(folder, printer=progress.write)
@@ -381,6 +388,7 @@ def main(argv=None) -> int:
                 run.resume()
             except CheckpointDamaged as e:
                 log.note(f"hybridnorm-train: error: {e}")
+                report.divert(None)
                 dist.teardown()
                 return 2
             log.truncate(key, run.step)
@@ -390,6 +398,7 @@ def main(argv=None) -> int:
         if outcome.interrupted_at is not None:
             log.note(f"resume with: hybridnorm-train --resume --name {folder.name}"
                      + (f" --runs-dir {args.runs_dir}" if args.runs_dir != "runs" else ""))
+            report.divert(None)
             dist.teardown()
             return 130
         diverged[key] = outcome.diverged_step
@@ -408,16 +417,30 @@ def main(argv=None) -> int:
         summary["time_shares"] = time_shares(outcomes.values())
         (folder / "summary.json").write_text(json.dumps(summary, indent=2))
         figures = plot(folder, summary, rows, read_jsonl(folder / "grad_flow.jsonl"))
+        if kernel_paths:
+            (folder / "kernel_paths.txt").write_text("\n".join(kernel_paths) + "\n")
         print("\n" + table(summary))
         if args.seeds == 1:
             print(ONE_SEED_NOTE)
         print_samples(samples, prompt[0].tolist(), corpus.vocab_size == BYTE_VOCAB)
-        print(f"\nwrote {folder}/: metrics.jsonl, summary.json, {', '.join(figures)}, config.json")
+        written = ["metrics.jsonl", "summary.json", *figures, "config.json"]
+        if kernel_paths:
+            written.append("kernel_paths.txt")
+            choice = os.environ.get("HYBRIDNORM_KERNELS", "torch")
+            if choice == "torch":
+                print("\nnorm kernels: torch in every layer (the default; HYBRIDNORM_KERNELS=auto "
+                      "opts in to the Triton kernels on CUDA); per layer in kernel_paths.txt")
+            else:
+                print(f"\nnorm kernels (HYBRIDNORM_KERNELS={choice}):")
+                print("\n".join("  " + line.removeprefix("megatron-hybridnorm: ")
+                                for line in kernel_paths))
+        print(f"\nwrote {folder}/: {', '.join(written)}")
         done = [tag(args, k) for k in keys
                 if (folder / "checkpoints" / tag(args, k) / "latest").is_file()]
         if done:
             print(f"export to Hugging Face: python -m megatron_hybridnorm.hf export "
                   f"{folder}/checkpoints/{done[0]} {folder}/hf-{done[0]}")
+    report.divert(None)
     dist.teardown()
     return 0
 
