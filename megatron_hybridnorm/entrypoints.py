@@ -157,22 +157,33 @@ def check_megatron_lm_config(scheme: str, config) -> None:
             "from megatron_hybridnorm.get_layer_spec)")
 
 
-def _start_up_line(scheme: str, options: dict, use_te: bool, what: str, notes: list[str]):
+def start_up_line(scheme: str, options: dict, use_te: bool, what: str, notes: list[str],
+                  model: str = "") -> None:
+    """Rank 0's ``megatron-hybridnorm: built <scheme> ...`` line and its notes: the proof that
+    Megatron-LM imported this --spec and did not fall back to its default model."""
     if _rank0():
         shown = ", ".join(f"{k}={v}" for k, v in options.items())
-        print(f"megatron-hybridnorm: built {scheme}{f' ({shown})' if shown else ''} on "
+        print(f"megatron-hybridnorm: built {scheme}{f' ({shown})' if shown else ''}{model} on "
               f"{'transformer_engine' if use_te else 'local'} modules, {what}", flush=True)
         for note in notes:
             print(f"megatron-hybridnorm: {note}", flush=True)
 
 
+def from_megatron_lm(scheme: str, config, module: str) -> tuple[bool, dict, list[str]]:
+    """(use_te, options, notes) of an entry point inside Megatron-LM, the GPT's and the hybrid
+    stack's alike: the backend from --transformer-impl, the options from the environment, a
+    --load of another scheme refused, the switches this package has not run with noted."""
+    use_te = getattr(config, "transformer_impl", "transformer_engine") == "transformer_engine"
+    options, notes = options_from_env(scheme)
+    notes = notes + check_load_matches(scheme, options, _megatron_lm_load_path(), module)
+    notes = notes + untested_notes(scheme, config, _megatron_lm_args())
+    return use_te, options, notes
+
+
 def _stage_spec(scheme: str, config, vp_stage: int | None):
     """(this stage's block spec, options, notes, use_te), the checks done."""
     check_megatron_lm_config(scheme, config)
-    use_te = getattr(config, "transformer_impl", "transformer_engine") == "transformer_engine"
-    options, notes = options_from_env(scheme)
-    notes = notes + check_load_matches(scheme, options, _megatron_lm_load_path())
-    notes = notes + untested_notes(scheme, config, _megatron_lm_args())
+    use_te, options, notes = from_megatron_lm(scheme, config, __name__)
     spec = get_decoder_block_spec(
         config, scheme, use_transformer_engine=use_te, vp_stage=vp_stage, **options
     )
@@ -214,7 +225,7 @@ class SchemeLayer(HybridTransformerLayer):
         spec, options, notes, use_te = _STAGES[key][1]
         if layer_number == 1:
             final = _megatron_final_norm(config)
-            _start_up_line(scheme, options, use_te,
+            start_up_line(scheme, options, use_te,
                            f"{len(spec.layer_specs)} layers on this stage"
                            f"{'' if vp_stage is None else f' (vp_stage {vp_stage})'}, final norm "
                            f"megatron-core's {final} (a --spec layer spec before megatron-core "
@@ -240,7 +251,7 @@ def _layer_spec_entry_point(scheme: str, build):
 def _make(scheme: str):
     def build(config, vp_stage: int | None = None):
         spec, options, notes, use_te = _stage_spec(scheme, config, vp_stage)
-        _start_up_line(scheme, options, use_te,
+        start_up_line(scheme, options, use_te,
                        f"{len(spec.layer_specs)} layers on this stage"
                        f"{'' if vp_stage is None else f' (vp_stage {vp_stage})'}", notes)
         return spec
@@ -250,13 +261,6 @@ def _make(scheme: str):
     return build if SPEC_CALLABLES_ARE_CALLED else _layer_spec_entry_point(scheme, build)
 
 
-prenorm = _make("prenorm")
-postnorm = _make("postnorm")
-postnorm_official = _make("postnorm_official")
-prenorm_qknorm = _make("prenorm_qknorm")
-mixln = _make("mixln")
-mixln_official = _make("mixln_official")
-hybridnorm = _make("hybridnorm")
-hybridnorm_star = _make("hybridnorm_star")
-
-ENTRY_POINTS = {s: globals()[s] for s in SCHEMES}  # one for every scheme (a KeyError if not)
+# one module attribute per scheme, the name --spec gives: prenorm, ..., hybridnorm_star
+ENTRY_POINTS = {s: _make(s) for s in SCHEMES}
+globals().update(ENTRY_POINTS)

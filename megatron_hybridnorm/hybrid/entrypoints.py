@@ -14,14 +14,7 @@ from __future__ import annotations
 
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from ..entrypoints import (
-    _megatron_lm_args,
-    _megatron_lm_load_path,
-    _rank0,
-    check_load_matches,
-    options_from_env,
-    untested_notes,
-)
+from ..entrypoints import from_megatron_lm, start_up_line
 from ..schemes import SCHEMES
 from .specs import megatron_layer_specs
 from .stack import HybridNormStack, HybridNormStackSubmodules
@@ -31,21 +24,13 @@ class MegatronLMHybridNormStack(HybridNormStack):
     """``HybridNormStack`` configured from Megatron-LM's arguments and the environment."""
 
     def __init__(self, config, submodules, *, scheme: str, **kwargs):
-        use_te = getattr(config, "transformer_impl", "transformer_engine") == "transformer_engine"
-        options, notes = options_from_env(scheme)
-        notes = notes + check_load_matches(scheme, options, _megatron_lm_load_path(), __name__)
-        notes = notes + untested_notes(scheme, config, _megatron_lm_args())
+        use_te, options, notes = from_megatron_lm(scheme, config, __name__)
         super().__init__(config, submodules, scheme=scheme, use_transformer_engine=use_te,
                          options=options, **kwargs)
-        if _rank0():
-            shown = ", ".join(f"{k}={v}" for k, v in options.items())
-            ours = sum(1 for layer in self.layers if hasattr(layer, "norms"))
-            print(f"megatron-hybridnorm: built {scheme}{f' ({shown})' if shown else ''} hybrid "
-                  f"stack on {'transformer_engine' if use_te else 'local'} modules, pattern "
-                  f"{self.hybrid_layer_pattern!r}, {len(self.layers)} layers on this stage "
-                  f"({ours} with the scheme's norms)", flush=True)
-            for note in notes:
-                print(f"megatron-hybridnorm: {note}", flush=True)
+        ours = sum(1 for layer in self.layers if hasattr(layer, "norms"))
+        start_up_line(scheme, options, use_te,
+                      f"pattern {self.hybrid_layer_pattern!r}, {len(self.layers)} layers on this "
+                      f"stage ({ours} with the scheme's norms)", notes, model=" hybrid stack")
 
 
 def _make(scheme: str) -> ModuleSpec:
@@ -53,13 +38,6 @@ def _make(scheme: str) -> ModuleSpec:
                       submodules=HybridNormStackSubmodules(**megatron_layer_specs()))
 
 
-prenorm = _make("prenorm")
-postnorm = _make("postnorm")
-postnorm_official = _make("postnorm_official")
-prenorm_qknorm = _make("prenorm_qknorm")
-mixln = _make("mixln")
-mixln_official = _make("mixln_official")
-hybridnorm = _make("hybridnorm")
-hybridnorm_star = _make("hybridnorm_star")
-
-ENTRY_POINTS = {s: globals()[s] for s in SCHEMES}  # one for every scheme (a KeyError if not)
+# one module attribute per scheme, the name --spec gives: prenorm, ..., hybridnorm_star
+ENTRY_POINTS = {s: _make(s) for s in SCHEMES}
+globals().update(ENTRY_POINTS)
