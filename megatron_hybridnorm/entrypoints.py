@@ -53,10 +53,7 @@ def options_from_env(scheme: str, environ=os.environ) -> tuple[dict, list[str]]:
     if unknown:
         raise ValueError(f"unknown {', '.join(sorted(unknown))}; megatron-hybridnorm reads "
                          f"{', '.join(known)}")
-    s = get_scheme(scheme)
-    applies = {"qkv_norm": s.has_head_norms, "mixln_fraction": s.head_fraction is not None,
-               "te_ffn_norm": any(lay is not None and lay.pre_mlp_is_residual
-                                  for lay in (s.body, s.head))}
+    takes = get_scheme(scheme).option_defaults()
     options, notes = {}, []
     for var, (option, cast) in ENV_OPTIONS.items():
         if var not in environ:
@@ -65,7 +62,7 @@ def options_from_env(scheme: str, environ=os.environ) -> tuple[dict, list[str]]:
             value = cast(environ[var])
         except ValueError:
             raise ValueError(f"{var}={environ[var]!r} is not a {cast.__name__}") from None
-        if applies[option]:
+        if option in takes:
             options[option] = value
         else:
             notes.append(f"{var} does not apply to {scheme} and is not used")
@@ -122,19 +119,13 @@ def check_load_matches(scheme: str, options: dict, path: str | None,
                 "in Megatron's loader with missing or unexpected norm keys. Dist checkpoints "
                 "(--ckpt-format torch_dist) are checked, and named by "
                 "python -m megatron_hybridnorm.inspect"]
-    want_qkv = options.get("qkv_norm", "head") if get_scheme(scheme).has_head_norms else None
-    want_fraction = options.get("mixln_fraction", get_scheme(scheme).head_fraction)
-    same = (found.scheme == scheme and found.qkv_norm == want_qkv
-            and (get_scheme(scheme).head_fraction is None
-                 or round(found.mixln_fraction * found.num_blocks)
-                 == int(want_fraction * found.num_blocks)))
-    if not same:
+    s = get_scheme(scheme)
+    why = found.mismatch(scheme, options.get("qkv_norm", "head"),
+                         s.num_head_layers(found.num_blocks, options.get("mixln_fraction")))
+    if why:
         raise SchemeMismatchError(
-            f"--load {path} holds {str(found).splitlines()[0].removeprefix('scheme: ')}, but "
-            f"--spec {module} {scheme}"
-            f"{f' (qkv_norm={want_qkv})' if want_qkv else ''} builds another model: pass the "
-            "checkpoint's scheme, or another --load"
-        )
+            f"--load {path} {why}, which --spec {module} {scheme} builds: pass the checkpoint's "
+            "scheme, or another --load")
     return []
 
 

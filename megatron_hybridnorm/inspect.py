@@ -60,6 +60,29 @@ class Finding:
         """What Mix-LN's fraction counts: layers of a GPT model, attention layers of a hybrid."""
         return self.pattern.count("*") if self.pattern else self.num_layers
 
+    @property
+    def head_blocks(self) -> int | None:
+        """Mix-LN's number of Post-Norm blocks (None for the other schemes)."""
+        return None if self.mixln_fraction is None else round(self.mixln_fraction * self.num_blocks)
+
+    def mismatch(self, scheme: str, qkv_norm: str | None = None,
+                 head_blocks: int | None = None) -> str | None:
+        """Why this (a checkpoint's finding) is not ``scheme`` with these options; None when it
+        is. The one scheme-level comparison behind the refusals before loading (the entry
+        points' ``--load`` check, GPT checkpoints into a HybridModel); ``check_checkpoint``
+        compares layer by layer, and each layer's saved layout is checked again as it loads."""
+        s = get_scheme(scheme)
+        wanted = (scheme, qkv_norm if s.has_head_norms else None,
+                  head_blocks if s.head_fraction is not None else None)
+        found = (self.scheme, self.qkv_norm, self.head_blocks)
+        if found == wanted:
+            return None
+        held = (str(self).splitlines()[0].removeprefix("scheme: ") if self.scheme
+                else f"norms of no known scheme ({self.num_layers} layers)")
+        return (f"holds {held}, not {scheme}"
+                f"{f' (qkv_norm={wanted[1]})' if wanted[1] else ''}"
+                f"{f' ({head_blocks} Post-Norm blocks)' if wanted[2] is not None else ''}")
+
     def __str__(self) -> str:
         if self.scheme is None:
             lines = [f"no known scheme matches these {self.num_layers} layers' norms:"]

@@ -217,12 +217,23 @@ class HybridTransformerLayer(TransformerLayer):
     def get_extra_state(self):
         return {"norms": asdict(self.norms) if self.norms is not None else None}
 
+    def saved_norms(self, saved: dict):
+        """This layer's layout in a checkpoint's saved one (a hybrid layer takes its half)."""
+        from .schemes import LayerNorms
+
+        return LayerNorms(**saved)
+
     def set_extra_state(self, state):
+        """The guard as each layer loads: its saved norm layout must be its own."""
         saved = (state or {}).get("norms")
-        mine = asdict(self.norms) if self.norms is not None else None
-        if saved is not None and mine is not None and saved != mine:
+        if saved is None or self.norms is None:
+            return
+        theirs = self.saved_norms(saved)
+        if theirs != self.norms:
             raise SchemeMismatchError(
-                f"layer {self.layer_number - 1} of the checkpoint has the norms {saved}, this "
-                f"model's has {mine}: the checkpoint was saved with another norm scheme "
-                "(python -m megatron_hybridnorm.inspect <checkpoint> names it)"
-            )
+                f"{self.describe()} of the checkpoint has the norms {asdict(theirs)}, this "
+                f"model's has {asdict(self.norms)}: the checkpoint was saved with another norm "
+                "scheme (python -m megatron_hybridnorm.inspect <checkpoint> names it)")
+
+    def describe(self) -> str:
+        return f"layer {self.layer_number - 1}"

@@ -78,6 +78,25 @@ class Scheme:
     def has_head_norms(self) -> bool:
         return any(lay is not None and lay.has_head_norms for lay in (self.body, self.head))
 
+    def option_defaults(self) -> dict:
+        """The options this scheme takes, with their defaults: the one answer, for the spec
+        builders, the entry points, the training command and the export, to whether an option
+        applies (Q/K/V norms take ``qkv_norm``, Mix-LN its fraction, a norm whose output is the
+        residual ``te_ffn_norm``)."""
+        known = {}
+        if self.has_head_norms:
+            known["qkv_norm"] = "head"
+        if self.head_fraction is not None:
+            known["mixln_fraction"] = self.head_fraction
+        if any(lay is not None and lay.pre_mlp_is_residual for lay in (self.body, self.head)):
+            known["te_ffn_norm"] = "te"
+        return known
+
+    def options_from(self, **given) -> dict:
+        """Of ``given`` (None: not given), the options this scheme takes."""
+        takes = self.option_defaults()
+        return {k: v for k, v in given.items() if v is not None and k in takes}
+
     def num_head_layers(self, num_layers: int, head_fraction: float | None = None) -> int:
         if self.head is None:
             return 0

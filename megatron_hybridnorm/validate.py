@@ -20,13 +20,7 @@ class SchemeConfigError(ValueError):
 
 def check_options(scheme: Scheme, options: dict) -> dict:
     """Resolve a scheme's options; an option the scheme does not use is an error."""
-    known = {}
-    if scheme.has_head_norms:
-        known["qkv_norm"] = "head"
-    if scheme.head_fraction is not None:
-        known["mixln_fraction"] = scheme.head_fraction
-    if any(lay is not None and lay.pre_mlp_is_residual for lay in (scheme.body, scheme.head)):
-        known["te_ffn_norm"] = "te"
+    known = scheme.option_defaults()
     unknown = set(options) - set(known)
     if unknown:
         takes = f"the options {sorted(known)}" if known else "no options"

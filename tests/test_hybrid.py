@@ -315,6 +315,26 @@ def test_hybrid_checkpoint_of_another_scheme_is_refused(megatron_single_rank, tm
         check_checkpoint(other, tmp_path)
 
 
+def test_each_hybrid_layer_checks_its_half_of_the_saved_layout_as_it_loads(megatron_single_rank):
+    """The guard at load time, past check_checkpoint: a pattern layer compares its own half of
+    the layout a layer saved (a GPT layer's whole layout loads into either half)."""
+    from dataclasses import asdict
+
+    from megatron_hybridnorm.schemes import get_scheme
+
+    model = build_hybrid(tiny_config(num_layers=4), "hybridnorm", "*-*-")
+    attn, ffn = model.decoder.layers[0], model.decoder.layers[1]
+    gpt_layout = asdict(get_scheme("hybridnorm").body)
+    attn.set_extra_state({"norms": gpt_layout})  # both halves of the GPT layer's: accepted
+    ffn.set_extra_state({"norms": gpt_layout})
+    other = asdict(get_scheme("prenorm").body)
+    with pytest.raises(mh.layer.SchemeMismatchError, match=r"hybrid layer 0 \('\*'\) of the "
+                                                           r"checkpoint has the norms"):
+        attn.set_extra_state({"norms": other})
+    with pytest.raises(mh.layer.SchemeMismatchError, match=r"hybrid layer 1 \('-'\)"):
+        ffn.set_extra_state({"norms": other})
+
+
 needs_interop = pytest.mark.skipif(
     not compat.HAVE_GPT_CHECKPOINT_INTEROP,
     reason=f"megatron-core {compat.VERSION} has no gpt_checkpoint_interop (it arrived in 0.19)")

@@ -123,11 +123,8 @@ class Architecture:
                 for lay in s.layouts(self.num_layers, self.mixln_fraction)]
 
     def options(self) -> dict:
-        s = get_scheme(self.scheme)
-        opts = {"qkv_norm": self.qkv_norm} if s.has_head_norms else {}
-        if s.head_fraction is not None and self.mixln_fraction is not None:
-            opts["mixln_fraction"] = self.mixln_fraction
-        return opts
+        return get_scheme(self.scheme).options_from(qkv_norm=self.qkv_norm,
+                                                    mixln_fraction=self.mixln_fraction)
 
     def transformer_config(self, **overrides):
         """A one-rank TransformerConfig on the CPU, in fp32."""

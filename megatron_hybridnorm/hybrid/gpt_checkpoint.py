@@ -89,10 +89,10 @@ def load_gpt_checkpoint(model, path: str | Path, hybrid_layer_pattern: str) -> N
 
     folder = checkpoint_folder(Path(path))
     theirs, mine = detect_checkpoint(folder), detect_scheme(model)
-    if mine.scheme is not None and (theirs.scheme, theirs.qkv_norm) != (mine.scheme,
-                                                                       mine.qkv_norm):
-        raise SchemeMismatchError(f"{path} holds {str(theirs).splitlines()[0]}; the model is "
-                                  f"{str(mine).splitlines()[0]}: build it with the checkpoint's")
+    why = mine.scheme and theirs.mismatch(mine.scheme, mine.qkv_norm, mine.head_blocks)
+    if why:
+        raise SchemeMismatchError(f"{path} {why}, which the model is: build it with the "
+                                  "checkpoint's scheme")
     layer_maps = gpt_compatible_layer_maps(hybrid_layer_pattern)
     if theirs.num_layers != layer_maps.num_gpt_layers:
         raise ValueError(f"the pattern {hybrid_layer_pattern!r} pairs with "

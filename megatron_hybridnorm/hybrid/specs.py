@@ -7,13 +7,13 @@ out, so the norms, the Transformer Engine fusions and the checkpoint names are t
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from ..layer import HybridTransformerLayer, SchemeMismatchError
+from ..layer import HybridTransformerLayer
 from ..schemes import LayerNorms, get_scheme
 from ..specs import backend, get_layer_spec
 from ..validate import SchemeConfigError, check_config, check_options
@@ -28,16 +28,11 @@ class PatternLayerModule(HybridTransformerLayer):
         super().__init__(*args, **kwargs)
         self.symbol = symbol
 
-    def set_extra_state(self, state):
-        saved = (state or {}).get("norms")
-        if saved is not None and self.norms is not None:
-            theirs = half(LayerNorms(**saved), self.symbol)
-            if theirs != self.norms:
-                raise SchemeMismatchError(
-                    f"hybrid layer {self.layer_number - 1} ({self.symbol!r}) of the checkpoint "
-                    f"has the norms {asdict(theirs)}, this model's has {asdict(self.norms)}: the "
-                    "checkpoint was saved with another norm scheme or pattern "
-                    "(python -m megatron_hybridnorm.inspect <checkpoint> names it)")
+    def saved_norms(self, saved: dict):
+        return half(LayerNorms(**saved), self.symbol)
+
+    def describe(self) -> str:
+        return f"hybrid layer {self.layer_number - 1} ({self.symbol!r})"
 
 
 def pattern_layer_spec(layer: PatternLayer, *, num_experts: int | None = None,

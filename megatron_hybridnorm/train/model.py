@@ -115,15 +115,11 @@ def build(args, scheme: str, vocab_size: int):
 
 
 def scheme_options(args, scheme: str) -> dict:
+    """The flags' options that ``scheme`` takes (the others apply to other schemes of the run)."""
     from ..schemes import get_scheme
 
-    s = get_scheme(scheme)
-    opts = {}
-    if s.has_head_norms and args.qkv_norm != "head":
-        opts["qkv_norm"] = args.qkv_norm
-    if s.head_fraction is not None and args.mixln_fraction is not None:
-        opts["mixln_fraction"] = args.mixln_fraction
-    return opts
+    return get_scheme(scheme).options_from(qkv_norm=args.qkv_norm,
+                                           mixln_fraction=args.mixln_fraction)
 
 
 def unwrap(ddp):
