@@ -70,16 +70,42 @@ def _draw(p, name: str, config, seed: int, tp: int, rank: int) -> None:
         init = config.embedding_init_method
     else:
         init = config.init_method
-    shape = list(p.shape)
-    parallel = getattr(p, "tensor_model_parallel", False)
-    if parallel:
-        shape[p.partition_dim] *= tp
-    full = torch.empty(shape, dtype=torch.float32)
+    full = torch.empty(full_shape(p, tp), dtype=torch.float32)
     with torch.random.fork_rng(devices=[]):  # Megatron's init methods draw from the global RNG
         torch.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
         init(full)
-    if parallel:
-        stride = getattr(p, "partition_stride", 1)
-        chunks = full.chunk(tp * stride, dim=p.partition_dim)
-        full = torch.cat(chunks[rank::tp], dim=p.partition_dim)
-    p.copy_(full.to(p.dtype))
+    p.copy_(shard(p, full, tp, rank).to(p.dtype))
+
+
+def full_shape(p, tp: int) -> list[int]:
+    """The TP=1 shape of a parameter that may be split over ``tp`` ranks."""
+    shape = list(p.shape)
+    if getattr(p, "tensor_model_parallel", False):
+        shape[p.partition_dim] *= tp
+    return shape
+
+
+def shard(p, full: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
+    """This TP rank's part of a parameter's TP=1 tensor, as Megatron splits it (strided: a
+    fused weight such as SwiGLU's fc1 keeps each of its ``partition_stride`` parts split)."""
+    if not getattr(p, "tensor_model_parallel", False):
+        return full
+    stride = getattr(p, "partition_stride", 1)
+    chunks = full.chunk(tp * stride, dim=p.partition_dim)
+    return torch.cat(chunks[rank::tp], dim=p.partition_dim)
+
+
+def gather_full(p, t):
+    """The TP=1 tensor (on the CPU) for a parameter's (possibly TP-sharded) local tensor ``t``."""
+    if not getattr(p, "tensor_model_parallel", False):
+        return t.detach().cpu().clone()
+    from megatron.core import parallel_state
+
+    size = parallel_state.get_tensor_model_parallel_world_size()
+    parts = [torch.empty_like(t) for _ in range(size)]
+    torch.distributed.all_gather(parts, t.contiguous(),
+                                 group=parallel_state.get_tensor_model_parallel_group())
+    stride = getattr(p, "partition_stride", 1)
+    pieces = [part.cpu().chunk(stride, dim=p.partition_dim) for part in parts]
+    return torch.cat([pieces[r][j] for j in range(stride) for r in range(size)],
+                     dim=p.partition_dim)

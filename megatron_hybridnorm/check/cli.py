@@ -188,7 +188,7 @@ def run(args, dp: int) -> tuple[list[compare.Check], dict]:
     _init({})
     from ..layer import SchemeMismatchError
     from ..layout_init import global_name
-    from .models import gather_full
+    from ..layout_init import gather_full
 
     try:
         loaded = training.load(reference_case, ckpt)

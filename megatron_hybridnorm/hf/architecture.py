@@ -129,9 +129,10 @@ class Architecture:
     def transformer_config(self, **overrides):
         """A one-rank TransformerConfig on the CPU, in fp32."""
         import torch.nn.functional as F
-        from megatron.core.transformer.transformer_config import TransformerConfig
 
-        kw = dict(
+        from ..gpt_config import gpt_config
+
+        return gpt_config(**{**dict(
             num_layers=self.num_layers, hidden_size=self.hidden_size,
             num_attention_heads=self.num_attention_heads, num_query_groups=self.num_query_groups,
             kv_channels=self.head_dim, ffn_hidden_size=self.ffn_hidden_size,
@@ -140,11 +141,7 @@ class Architecture:
             normalization=self.normalization, layernorm_epsilon=self.norm_eps,
             layernorm_zero_centered_gamma=self.zero_centered_gamma,
             add_bias_linear=self.add_bias_linear, rotary_interleaved=self.rotary_interleaved,
-            hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
-            bias_activation_fusion=False, bias_dropout_fusion=False,
-            gradient_accumulation_fusion=False, apply_rope_fusion=False)
-        kw.update(overrides)
-        return TransformerConfig(**kw)
+            gradient_accumulation_fusion=False, apply_rope_fusion=False), **overrides})
 
     def megatron_model(self, config=None):
         """A one-rank Megatron GPTModel of this architecture (parallel state set up)."""

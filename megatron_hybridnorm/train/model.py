@@ -3,39 +3,27 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import apply_small_init, get_decoder_block_spec
+from ..gpt_config import gpt_config
 from ..layout_init import layout_invariant_init
 
 
 def transformer_config(args):
     """The TransformerConfig every scheme shares (SmallInit, SwiGLU, GQA, RMSNorm)."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
     bf16 = args.dtype == "bf16"
-    config = TransformerConfig(
+    config = gpt_config(
         num_layers=args.layers,
         hidden_size=args.hidden,
         num_attention_heads=args.heads,
         num_query_groups=args.kv_heads,
         ffn_hidden_size=args.ffn_hidden,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        normalization="RMSNorm",
-        layernorm_epsilon=1e-5,
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
         tensor_model_parallel_size=args.tp,
         pipeline_model_parallel_size=args.pp,
         sequence_parallel=args.sp,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         bf16=bf16,
-        use_cpu_initialization=True,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
         gradient_accumulation_fusion=False,
     )
     return apply_small_init(config, args.init_truncation)
