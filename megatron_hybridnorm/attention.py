@@ -1,4 +1,13 @@
-"""Self-attention with a V norm beside Megatron's Q and K norms."""
+"""Self-attention with a V norm beside Megatron's Q and K norms, and the fused Q/K/V norm.
+
+One hand-over, ``_pending_rope``: where the fused per-head kernel can also rotate q and k,
+``forward`` keeps the rotary embedding, calls Megatron's forward without it (so Megatron applies
+none), and ``get_query_key_value_tensors``, which Megatron's forward calls once, takes it for the
+kernel. Megatron's forward passes no argument from one to the other, so the attention holds it
+for that one call; it is cleared in a ``finally``, and a kept embedding that the kernel did not
+use raises rather than leaving q and k unrotated. The same code serves megatron-core 0.16 to
+0.20 (none of them splits this forward into hooks).
+"""
 
 from __future__ import annotations
 

@@ -13,6 +13,12 @@ Hand-overs between Megatron's steps, on each forward design (``compat.LAYER_HOOK
   megatron-core 0.17 to 0.19 take the tuple's second item as the residual, 0.20 does when the norm
   says ``returns_residual``. 0.16 takes no tuple: there a forward hook on the norm keeps ``n``
   (``_norm_residual``) and hands Megatron only the output; the residual add takes ``n``.
+
+Why the pending add is state and not an argument: on every version tested (0.16 to 0.20) the
+residual add and the pre-MLP norm are two separate calls of Megatron's forward, and the only
+thing passed between them is the sum, which fusing must not compute. The layer holds the add's
+inputs for the very next call, which takes and clears them; 0.20's hooks split the same two
+steps and do not open a simpler form.
 """
 
 from __future__ import annotations

@@ -8,6 +8,21 @@ TE 2.x's standalone norms keep an ``_extra_state`` entry (quantization metadata 
 high-precision norm does not use) that the local norms do not have, so a checkpoint of one
 backend lacked keys the other asked for. The TE norms here leave it out of dist checkpoints and
 do not ask for it when loading: local and TE checkpoints interchange, in both directions.
+
+Two kinds of state are handed over here, and why no simpler form works:
+
+- ``__class__`` swaps (``interchangeable``, ``as_post_norm``): megatron-core's ``TENorm`` is a
+  factory that returns TE's own ``RMSNorm``/``LayerNorm`` instance, not a class one can
+  subclass in a spec. To change what such an instance saves, or make it return ``(n, n)``, the
+  built instance gets a cached subclass of its own class; parameters, names, hooks and TE's
+  kernel stay. Wrapping it in another module would add a level to every parameter name and
+  break checkpoint names.
+- ``_norm_output`` (``te_norm_linear_keeping_norm``): TE's fused norm + linear returns its norm
+  output beside the linear's output, but Megatron's MLP calls the linear and passes on only
+  ``(out, bias)``. The linear keeps the norm output until the layer takes it
+  (``take_norm_output``) as the FFN's residual, within the same forward; taking it twice, or
+  before the linear ran, raises. No megatron-core version tested (0.16 to 0.20) lets an MLP
+  return a third value, so the hand-over stays.
 """
 
 from __future__ import annotations
