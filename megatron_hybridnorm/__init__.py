@@ -24,10 +24,10 @@ _API = {
 def get_hybrid_stack_spec(*args, **kwargs):
     """The ``HybridModel`` stack spec of a scheme (``hybrid.specs.get_hybrid_stack_spec``);
     needs megatron-core >= 0.18, which has ``HybridModel``."""
-    from . import compat
+    from megatron_hybridnorm import compat
 
     compat.require_hybrid_model("get_hybrid_stack_spec")
-    from .hybrid import get_hybrid_stack_spec as build
+    from megatron_hybridnorm.hybrid import get_hybrid_stack_spec as build
 
     return build(*args, **kwargs)
 

@@ -17,17 +17,17 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.typed_torch import apply_module
 
-from .compat import LayerNormBuilder, yarn_mscale
-from .kernels import (
+from megatron_hybridnorm.compat import LayerNormBuilder, yarn_mscale
+from megatron_hybridnorm.kernels import (
     MAX_HEAD_DIM,
     full_row_fits,
     fused_qkv_full_norm,
     fused_qkv_norm,
     rope_tables,
 )
-from .kernels.dispatch import kernel_path
-from .kernels.report import record
-from .norms import FullWidthNorm, HeadNorm
+from megatron_hybridnorm.kernels.dispatch import kernel_path
+from megatron_hybridnorm.kernels.report import record
+from megatron_hybridnorm.norms import FullWidthNorm, HeadNorm
 
 
 @dataclass

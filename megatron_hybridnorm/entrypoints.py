@@ -33,10 +33,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .compat import SPEC_CALLABLES_ARE_CALLED
-from .layer import HybridTransformerLayer
-from .schemes import SCHEMES, get_scheme
-from .specs import get_decoder_block_spec
+from megatron_hybridnorm.compat import SPEC_CALLABLES_ARE_CALLED
+from megatron_hybridnorm.layer import HybridTransformerLayer
+from megatron_hybridnorm.schemes import SCHEMES, get_scheme
+from megatron_hybridnorm.specs import get_decoder_block_spec
 
 ENV_OPTIONS = {
     "HYBRIDNORM_QKV_NORM": ("qkv_norm", str),
@@ -103,8 +103,8 @@ def check_load_matches(scheme: str, options: dict, path: str | None,
     megatron-core's loader writes some tensors into the model in place before it finds the
     missing norm keys, so a mismatch must be caught before loading starts.
     """
-    from .inspect import detect_checkpoint
-    from .layer import SchemeMismatchError
+    from megatron_hybridnorm.inspect import detect_checkpoint
+    from megatron_hybridnorm.layer import SchemeMismatchError
 
     if not path:
         return []
@@ -137,7 +137,7 @@ def _rank0() -> bool:
 
 def check_megatron_lm_config(scheme: str, config) -> None:
     """What Megatron-LM would get wrong silently around a --spec, refused before it builds."""
-    from .validate import SchemeConfigError
+    from megatron_hybridnorm.validate import SchemeConfigError
 
     if getattr(config, "mtp_num_layers", None):
         raise SchemeConfigError(
@@ -186,7 +186,7 @@ def _megatron_final_norm(config):
     cannot run this configuration."""
     from megatron.core.transformer.transformer_block import LayerNormImpl
 
-    from .validate import SchemeConfigError
+    from megatron_hybridnorm.validate import SchemeConfigError
 
     name = LayerNormImpl.__name__
     if name == "WrappedTorchNorm" and (config.sequence_parallel or config.persist_layer_norm):

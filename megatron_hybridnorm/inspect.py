@@ -18,8 +18,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .norms.names import is_norm_parameter
-from .schemes import SCHEMES, LayerNorms, get_scheme
+from megatron_hybridnorm.norms.names import is_norm_parameter
+from megatron_hybridnorm.schemes import SCHEMES, LayerNorms, get_scheme
 
 _LAYER = re.compile(r"^decoder\.layers\.(?:(\d+)\.)?(.+)$")
 
@@ -123,8 +123,8 @@ def match_pattern(layers: dict[int, frozenset[str]], pattern: str
                   ) -> tuple[str | None, float | None]:
     """The first scheme whose layouts on a hybrid ``pattern`` give exactly these norm keys on
     its attention, MLP and MoE layers (megatron-core's own layers, such as Mamba, not compared)."""
-    from .hybrid.layouts import pattern_layouts
-    from .validate import SchemeConfigError
+    from megatron_hybridnorm.hybrid.layouts import pattern_layouts
+    from megatron_hybridnorm.validate import SchemeConfigError
 
     n = pattern.count("*")
     for name in SCHEMES:
@@ -255,7 +255,7 @@ def detect_scheme(model) -> Finding:
 def check_checkpoint(model, path: str | Path) -> None:
     """Raise ``SchemeMismatchError`` unless every layer this rank holds has the same norms in
     the checkpoint; call it before loading, so that another scheme is never half loaded."""
-    from .layer import SchemeMismatchError
+    from megatron_hybridnorm.layer import SchemeMismatchError
 
     saved = detect_checkpoint(path)
     mine = _collect(_model_shapes(model))

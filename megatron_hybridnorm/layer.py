@@ -33,11 +33,11 @@ from megatron.core.transformer.transformer_layer import (
 from megatron.core.typed_torch import apply_module
 from megatron.core.utils import make_viewless_tensor
 
-from . import compat
-from .compat import LayerNormBuilder
-from .kernels.report import report_after_first_forward
-from .norms import Norm
-from .schemes import LayerNorms
+from megatron_hybridnorm import compat
+from megatron_hybridnorm.compat import LayerNormBuilder
+from megatron_hybridnorm.kernels.report import report_after_first_forward
+from megatron_hybridnorm.norms import Norm
+from megatron_hybridnorm.schemes import LayerNorms
 
 
 class SchemeMismatchError(RuntimeError):
@@ -225,7 +225,7 @@ class HybridTransformerLayer(TransformerLayer):
 
     def saved_norms(self, saved: dict):
         """This layer's layout in a checkpoint's saved one (a hybrid layer takes its half)."""
-        from .schemes import LayerNorms
+        from megatron_hybridnorm.schemes import LayerNorms
 
         return LayerNorms(**saved)
 

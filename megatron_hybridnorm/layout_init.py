@@ -15,7 +15,7 @@ import zlib
 
 import torch
 
-from .norms.names import is_norm_parameter
+from megatron_hybridnorm.norms.names import is_norm_parameter
 
 _LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
 _GROUPED_EXPERT = re.compile(r"(\.experts\.linear_fc[12]\.(?:weight|bias))(\d+)$")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from .norms.base import NORMALIZATIONS
-from .schemes import LayerNorms, Scheme
+from megatron_hybridnorm.norms.base import NORMALIZATIONS
+from megatron_hybridnorm.schemes import LayerNorms, Scheme
 
 QKV_NORMS = ("head", "full")
 # the TE backend's pre-MLP norm whose output is also the residual (HybridNorm's FFN, Post-Norm):
@@ -136,7 +136,7 @@ def check_config(
     if config.fp8 or config.fp4:
         fail("FP8/FP4 run through Transformer Engine's linears; build the spec with "
              "use_transformer_engine=True")
-    from .core_attention import check_sdpa_config
+    from megatron_hybridnorm.core_attention import check_sdpa_config
 
     try:
         check_sdpa_config(config)

@@ -1,3 +1,3 @@
-from .cli import entry
+from megatron_hybridnorm.check.cli import entry
 
 entry()

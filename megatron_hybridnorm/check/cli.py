@@ -23,8 +23,8 @@ import time
 
 import torch
 
-from ..schemes import SCHEMES
-from . import compare, faults
+from megatron_hybridnorm.schemes import SCHEMES
+from megatron_hybridnorm.check import compare, faults
 
 
 def parser() -> argparse.ArgumentParser:
@@ -131,7 +131,7 @@ def _init(layout, seed=1234):
 
 
 def _setup_process_group() -> None:
-    from ..cpu import use_cpu
+    from megatron_hybridnorm.cpu import use_cpu
 
     if not torch.cuda.is_available():
         use_cpu()
@@ -171,8 +171,8 @@ def environment(args, dp: int, paths: dict) -> dict:
 
 def run(args, dp: int) -> tuple[list[compare.Check], dict]:
     """Every rank: the three runs and its checks; returns (merged checks, kernel paths)."""
-    from ..kernels.report import paths
-    from . import training
+    from megatron_hybridnorm.kernels.report import paths
+    from megatron_hybridnorm.check import training
 
     case = case_from(args)
     reference_case = dict(case, sp=False, replicate_batch=True)
@@ -186,9 +186,9 @@ def run(args, dp: int) -> tuple[list[compare.Check], dict]:
     training.save(parallel["chunks"], ckpt)
     torch.distributed.barrier()
     _init({})
-    from ..layer import SchemeMismatchError
-    from ..layout_init import global_name
-    from ..layout_init import gather_full
+    from megatron_hybridnorm.layer import SchemeMismatchError
+    from megatron_hybridnorm.layout_init import global_name
+    from megatron_hybridnorm.layout_init import gather_full
 
     try:
         loaded = training.load(reference_case, ckpt)

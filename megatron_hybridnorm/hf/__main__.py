@@ -21,8 +21,8 @@ def main(argv=None) -> int:
     i.add_argument("out")
     args = p.parse_args(argv)
     try:
-        from .architecture import ExportError
-        from .convert import export, import_hf
+        from megatron_hybridnorm.hf.architecture import ExportError
+        from megatron_hybridnorm.hf.convert import export, import_hf
     except ImportError as e:
         p.exit(2, f"error: {e}; install the extra: pip install 'megatron-hybridnorm[hf]'\n")
     try:

@@ -15,8 +15,8 @@ import json
 import shutil
 from pathlib import Path
 
-from ..inspect import check_checkpoint, checkpoint_folder, detect_checkpoint
-from .architecture import Architecture, ExportError, run_config_of
+from megatron_hybridnorm.inspect import check_checkpoint, checkpoint_folder, detect_checkpoint
+from megatron_hybridnorm.hf.architecture import Architecture, ExportError, run_config_of
 
 MODELING = Path(__file__).with_name("modeling_hybridnorm.py")
 AUTO_MAP = {"AutoConfig": "modeling_hybridnorm.HybridNormConfig",
@@ -33,7 +33,7 @@ def one_rank() -> None:
             raise ExportError("export and import run at one rank: call them outside a "
                               "tensor- or pipeline-parallel run")
         return
-    from ..train.dist import setup
+    from megatron_hybridnorm.train.dist import setup
 
     setup(tp=1, pp=1, seed=0)
 
@@ -105,7 +105,7 @@ def export(checkpoint, out) -> Path:
     """Write the Hugging Face folder ``out`` for a Megatron checkpoint; returns ``out``."""
     from safetensors.torch import save_file
 
-    from .modeling_hybridnorm import HybridNormConfig
+    from megatron_hybridnorm.hf.modeling_hybridnorm import HybridNormConfig
 
     folder = checkpoint_folder(Path(checkpoint))
     arch, args, run = architecture_of(folder)
@@ -125,7 +125,7 @@ def export(checkpoint, out) -> Path:
 
 def _write_tokenizer(out: Path, args, run) -> None:
     if run is not None and run.get("args", {}).get("data_path") is None:  # byte-level text
-        from .tokenizer import byte_level_tokenizer
+        from megatron_hybridnorm.hf.tokenizer import byte_level_tokenizer
 
         byte_level_tokenizer().save_pretrained(out)
     elif args is not None and getattr(args, "tokenizer_type", None) == "HuggingFaceTokenizer":

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from ..entrypoints import from_megatron_lm, start_up_line
-from ..schemes import SCHEMES
-from .specs import megatron_layer_specs
-from .stack import HybridNormStack, HybridNormStackSubmodules
+from megatron_hybridnorm.entrypoints import from_megatron_lm, start_up_line
+from megatron_hybridnorm.schemes import SCHEMES
+from megatron_hybridnorm.hybrid.specs import megatron_layer_specs
+from megatron_hybridnorm.hybrid.stack import HybridNormStack, HybridNormStackSubmodules
 
 
 class MegatronLMHybridNormStack(HybridNormStack):

@@ -75,7 +75,7 @@ def load_gpt_checkpoint(model, path: str | Path, hybrid_layer_pattern: str) -> N
     ``model``, a ``HybridModel`` stage built with ``hybrid_layer_pattern`` and the same scheme;
     another scheme is refused before anything loads. Save the model afterwards for a hybrid
     checkpoint that Megatron-LM's ``pretrain_hybrid.py --load`` reads."""
-    from ..compat import require_gpt_checkpoint_interop
+    from megatron_hybridnorm.compat import require_gpt_checkpoint_interop
 
     require_gpt_checkpoint_interop()
     from megatron.core import dist_checkpointing
@@ -84,8 +84,8 @@ def load_gpt_checkpoint(model, path: str | Path, hybrid_layer_pattern: str) -> N
         retarget_sharded_state_dict_to_gpt_checkpoint,
     )
 
-    from ..inspect import checkpoint_folder, detect_checkpoint, detect_scheme
-    from ..layer import SchemeMismatchError
+    from megatron_hybridnorm.inspect import checkpoint_folder, detect_checkpoint, detect_scheme
+    from megatron_hybridnorm.layer import SchemeMismatchError
 
     folder = checkpoint_folder(Path(path))
     theirs, mine = detect_checkpoint(folder), detect_scheme(model)

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from ..schemes import LayerNorms, get_scheme
-from ..validate import SchemeConfigError
+from megatron_hybridnorm.schemes import LayerNorms, get_scheme
+from megatron_hybridnorm.validate import SchemeConfigError
 
 ATTENTION, MLP, MOE, PIPE, MTP = "*", "-", "E", "|", "/"
 OURS = (ATTENTION, MLP, MOE)

@@ -9,10 +9,10 @@ from dataclasses import dataclass, replace
 from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from ..specs import backend
-from ..validate import SchemeConfigError
-from .layouts import check_segment
-from .specs import pattern_layer_specs
+from megatron_hybridnorm.specs import backend
+from megatron_hybridnorm.validate import SchemeConfigError
+from megatron_hybridnorm.hybrid.layouts import check_segment
+from megatron_hybridnorm.hybrid.specs import pattern_layer_specs
 
 
 @dataclass
@@ -30,7 +30,7 @@ class _LayerAtPosition:
 
 
 def _megatron_lm_pattern() -> str | None:
-    from ..entrypoints import _megatron_lm_args
+    from megatron_hybridnorm.entrypoints import _megatron_lm_args
 
     return getattr(_megatron_lm_args(), "hybrid_layer_pattern", None)
 

@@ -8,7 +8,7 @@ norm took is printed once (``report.py``).
 
 from __future__ import annotations
 
-from .dispatch import MODES, kernel_mode, kernel_path, use_triton
+from megatron_hybridnorm.kernels.dispatch import MODES, kernel_mode, kernel_path, use_triton
 
 MAX_HEAD_DIM = 256  # the per-head Q/K/V norm keeps a head in one tile row
 # the full-width Q/K/V norm keeps a token's q row (padded to powers of 2) in registers
@@ -19,21 +19,21 @@ __all__ = ["MODES", "kernel_mode", "kernel_path", "use_triton", "MAX_HEAD_DIM", 
 
 def fused_qkv_norm(*args, **kwargs):
     """See ``kernels/qkv_norm.py`` (imports Triton on first use)."""
-    from .qkv_norm import qkv_norm as fused
+    from megatron_hybridnorm.kernels.qkv_norm import qkv_norm as fused
 
     return fused(*args, **kwargs)
 
 
 def rope_tables(*args, **kwargs):
     """See ``kernels/qkv_norm.py``."""
-    from .qkv_norm import rope_tables as tables
+    from megatron_hybridnorm.kernels.qkv_norm import rope_tables as tables
 
     return tables(*args, **kwargs)
 
 
 def fused_qkv_full_norm(*args, **kwargs):
     """See ``kernels/qkv_full_norm.py`` (imports Triton on first use)."""
-    from .qkv_full_norm import qkv_full_norm as fused
+    from megatron_hybridnorm.kernels.qkv_full_norm import qkv_full_norm as fused
 
     return fused(*args, **kwargs)
 

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launch as L
+from megatron_hybridnorm.kernels import launch as L
 
 SINGLE, STATS, APPLY = 0, 1, 2  # phases: all in one pass; statistics only; with given statistics
 

@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import MAX_HEAD_DIM
-from . import launch as L
+from megatron_hybridnorm.kernels import MAX_HEAD_DIM
+from megatron_hybridnorm.kernels import launch as L
 
 
 @triton.jit

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import launch as L
+from megatron_hybridnorm.kernels import launch as L
 
 
 @triton.jit

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from ..kernels.report import record
-from .functional import choose_impl, normalize
+from megatron_hybridnorm.kernels.report import record
+from megatron_hybridnorm.norms.functional import choose_impl, normalize
 
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 

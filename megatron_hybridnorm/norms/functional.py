@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..kernels.dispatch import kernel_path
+from megatron_hybridnorm.kernels.dispatch import kernel_path
 
 try:
     from apex.normalization.fused_layer_norm import (
@@ -53,7 +53,7 @@ def normalize(
     if impl == "auto":
         impl, _ = choose_impl(x, kind)
     if impl == "triton":
-        from ..kernels.rmsnorm import rms_norm  # Triton is imported on demand
+        from megatron_hybridnorm.kernels.rmsnorm import rms_norm  # Triton is imported on demand
 
         return rms_norm(x, weight, eps, zero_centered_gamma)
     w = weight.float()
@@ -93,7 +93,7 @@ def add_normalize(
     if impl == "auto":
         impl, _ = choose_impl(out, kind)
     if impl == "triton":
-        from ..kernels.rmsnorm import add_rms_norm
+        from megatron_hybridnorm.kernels.rmsnorm import add_rms_norm
 
         return add_rms_norm(residual, out, out_bias, weight, eps, zero_centered_gamma, dropout_p)
     branch = out if out_bias is None else out + out_bias

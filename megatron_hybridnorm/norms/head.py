@@ -10,9 +10,9 @@ from megatron.core.transformer.utils import (
 )
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
-from ..kernels.report import record
-from .base import NormBase
-from .functional import ScaleGrad
+from megatron_hybridnorm.kernels.report import record
+from megatron_hybridnorm.norms.base import NormBase
+from megatron_hybridnorm.norms.functional import ScaleGrad
 
 
 class HeadNorm(NormBase):

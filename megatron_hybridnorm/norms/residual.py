@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from ..kernels.report import record, report
-from .base import NormBase
-from .functional import add_normalize, choose_impl
+from megatron_hybridnorm.kernels.report import record, report
+from megatron_hybridnorm.norms.base import NormBase
+from megatron_hybridnorm.norms.functional import add_normalize, choose_impl
 
 
 class Norm(NormBase):

@@ -39,11 +39,11 @@ def init_rank(rank: int, world_size: int, port: int, layout: Parallel, seed: int
     """Set up one rank: CPU patches, the gloo group and Megatron's parallel state."""
     import torch
 
-    from ..cpu import use_cpu
+    from megatron_hybridnorm.cpu import use_cpu
 
     use_cpu()
     if os.environ.get("TRITON_INTERPRET") == "1":
-        from .triton_interpreter import fix_old_triton_interpreter_index
+        from megatron_hybridnorm.testing.triton_interpreter import fix_old_triton_interpreter_index
 
         fix_old_triton_interpreter_index()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -65,7 +65,7 @@ def init_rank(rank: int, world_size: int, port: int, layout: Parallel, seed: int
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
-    from ..dist_ckpt import use_in_process_write_queue
+    from megatron_hybridnorm.dist_ckpt import use_in_process_write_queue
 
     use_in_process_write_queue()  # no Manager process (seconds to start) for checkpoint saves
 

@@ -1,3 +1,3 @@
-from .cli import entry
+from megatron_hybridnorm.train.cli import entry
 
 entry()

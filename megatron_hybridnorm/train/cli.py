@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from .corpora import NAMES
-from .presets import PRESETS
+from megatron_hybridnorm.train.corpora import NAMES
+from megatron_hybridnorm.train.presets import PRESETS
 
 DEFAULT_SCHEMES = "prenorm,postnorm,hybridnorm,hybridnorm_star"
 RESUMABLE_KEEP = ("name", "runs_dir", "resume", "verbose")
@@ -143,7 +143,7 @@ def parse(argv=None):
 
 def resolve(args, world_size: int, cuda: bool):
     """Fill defaults that depend on other flags, and check everything that can be checked."""
-    from ..schemes import SCHEMES
+    from megatron_hybridnorm.schemes import SCHEMES
 
     args.scheme_list = [s.strip() for s in args.schemes.split(",") if s.strip()]
     bad = [s for s in args.scheme_list if s not in SCHEMES]
@@ -225,8 +225,8 @@ def resolve(args, world_size: int, cuda: bool):
     if args.text is None and args.data_path is None and args.vocab_size is not None:
         raise ArgError("--vocab-size applies to --data-path only (byte-level text has 256)")
     # what the spec builder would refuse, now rather than after the data is read
-    from .. import SchemeConfigError, get_decoder_block_spec
-    from .model import scheme_options, transformer_config
+    from megatron_hybridnorm import SchemeConfigError, get_decoder_block_spec
+    from megatron_hybridnorm.train.model import scheme_options, transformer_config
 
     config = transformer_config(args)
     for s in args.scheme_list:
@@ -273,7 +273,7 @@ def versions() -> dict:
 
     import torch
 
-    from .. import __version__
+    from megatron_hybridnorm import __version__
 
     # (megatron.core.__version__ appends the git hash of the current directory's repository)
     return {"python": sys.version.split()[0], "torch": torch.__version__,
@@ -326,14 +326,14 @@ def main(argv=None) -> int:
         quiet()
     import torch
 
-    from . import dist
-    from .checkpoint import CheckpointDamaged
-    from .data import BYTE_VOCAB, DataError, get_batch, load_corpus
-    from .log import RunLog, read_jsonl
-    from .loop import SchemeRun
-    from .plots import plot
-    from .runs import run_keys, tag
-    from .summary import summarize, table, time_shares
+    from megatron_hybridnorm.train import dist
+    from megatron_hybridnorm.train.checkpoint import CheckpointDamaged
+    from megatron_hybridnorm.train.data import BYTE_VOCAB, DataError, get_batch, load_corpus
+    from megatron_hybridnorm.train.log import RunLog, read_jsonl
+    from megatron_hybridnorm.train.loop import SchemeRun
+    from megatron_hybridnorm.train.plots import plot
+    from megatron_hybridnorm.train.runs import run_keys, tag
+    from megatron_hybridnorm.train.summary import summarize, table, time_shares
 
     try:
         folder = run_folder(args)
@@ -352,7 +352,7 @@ def main(argv=None) -> int:
 
     device = dist.setup(args.tp, args.pp, args.seed)
     main_rank = dist.is_main()
-    from ..kernels import report
+    from megatron_hybridnorm.kernels import report
 
     kernel_paths: list[str] = []  # the norms' kernel paths, printed after the progress bars
     report.divert(kernel_paths)

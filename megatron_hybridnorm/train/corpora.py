@@ -27,7 +27,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import BYTE_VOCAB, Corpus, DataError, TokenStream, _as_bytes, _split, stdlib_corpus
+from megatron_hybridnorm.train.data import BYTE_VOCAB, Corpus, DataError, TokenStream, _as_bytes, _split, stdlib_corpus
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def _ar_member(deb: bytes, name: str) -> bytes:
 
 def austen_texts(deb: bytes) -> dict[str, str]:
     """The novels' texts, from the package's bytes (checked against the pinned SHA-256)."""
-    from .rdata import lazyload_strings
+    from megatron_hybridnorm.train.rdata import lazyload_strings
 
     digest = hashlib.sha256(deb).hexdigest()
     if digest != AUSTEN.sha256:

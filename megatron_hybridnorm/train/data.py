@@ -181,7 +181,7 @@ def load_corpus(text: str | None, data_path: str | None, vocab_size: int | None,
         raise DataError("--vocab-size applies to --data-path only (byte-level text has 256)")
     if text:
         return text_corpus(text, max_bytes)
-    from .corpora import named_corpus
+    from megatron_hybridnorm.train.corpora import named_corpus
 
     return named_corpus(corpus or "stdlib", max_bytes)
 

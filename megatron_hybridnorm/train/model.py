@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import apply_small_init, get_decoder_block_spec
-from ..gpt_config import gpt_config
-from ..layout_init import layout_invariant_init
+from megatron_hybridnorm import apply_small_init, get_decoder_block_spec
+from megatron_hybridnorm.gpt_config import gpt_config
+from megatron_hybridnorm.layout_init import layout_invariant_init
 
 
 def transformer_config(args):
@@ -104,7 +104,7 @@ def build(args, scheme: str, vocab_size: int):
 
 def scheme_options(args, scheme: str) -> dict:
     """The flags' options that ``scheme`` takes (the others apply to other schemes of the run)."""
-    from ..schemes import get_scheme
+    from megatron_hybridnorm.schemes import get_scheme
 
     return get_scheme(scheme).options_from(qkv_norm=args.qkv_norm,
                                            mixln_fraction=args.mixln_fraction)

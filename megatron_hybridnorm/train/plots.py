@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .log import num
+from megatron_hybridnorm.train.log import num
 
 
 def _plt():

@@ -7,9 +7,9 @@ from __future__ import annotations
 import math
 from itertools import combinations
 
-from .log import num
-from .runs import RunKey
-from .stats import SEEDS_LIMIT, paired_interval, seeds_needed, spread
+from megatron_hybridnorm.train.log import num
+from megatron_hybridnorm.train.runs import RunKey
+from megatron_hybridnorm.train.stats import SEEDS_LIMIT, paired_interval, seeds_needed, spread
 
 # the paper's claim, best first (arXiv 2503.04598: 1.2B dense at 1T tokens, val loss
 # 2.796 / 2.805 / 2.816)
