@@ -10,24 +10,25 @@ import importlib
 __version__ = "0.1.0"
 
 _API = {
-    "apply_small_init": "init",
+    "apply_small_init": "transformer.init",
     "SCHEMES": "schemes",
     "LayerNorms": "schemes",
     "Scheme": "schemes",
     "get_scheme": "schemes",
-    "get_decoder_block_spec": "specs",
-    "get_layer_spec": "specs",
-    "SchemeConfigError": "validate",
+    "get_decoder_block_spec": "models.gpt.specs",
+    "get_layer_spec": "models.gpt.specs",
+    "SchemeConfigError": "transformer.validate",
+    "SchemeMismatchError": "transformer.layer",
 }
 
 
 def get_hybrid_stack_spec(*args, **kwargs):
-    """The ``HybridModel`` stack spec of a scheme (``hybrid.specs.get_hybrid_stack_spec``);
+    """The ``HybridModel`` stack spec of a scheme (``models.hybrid.specs.get_hybrid_stack_spec``);
     needs megatron-core >= 0.18, which has ``HybridModel``."""
     from megatron_hybridnorm import compat
 
     compat.require_hybrid_model("get_hybrid_stack_spec")
-    from megatron_hybridnorm.hybrid import get_hybrid_stack_spec as build
+    from megatron_hybridnorm.models.hybrid import get_hybrid_stack_spec as build
 
     return build(*args, **kwargs)
 
@@ -36,7 +37,7 @@ def __getattr__(name: str):
     if name in _API:
         value = getattr(importlib.import_module(f"{__name__}.{_API[name]}"), name)
     else:
-        try:  # a submodule, as ``megatron_hybridnorm.specs`` after ``import megatron_hybridnorm``
+        try:  # a submodule, as ``megatron_hybridnorm.models`` after ``import megatron_hybridnorm``
             value = importlib.import_module(f"{__name__}.{name}")
         except ModuleNotFoundError as e:
             if e.name != f"{__name__}.{name}":
@@ -55,6 +56,7 @@ __all__ = [
     "LayerNorms",
     "Scheme",
     "SchemeConfigError",
+    "SchemeMismatchError",
     "apply_small_init",
     "get_decoder_block_spec",
     "get_hybrid_stack_spec",

@@ -123,8 +123,8 @@ def match_pattern(layers: dict[int, frozenset[str]], pattern: str
                   ) -> tuple[str | None, float | None]:
     """The first scheme whose layouts on a hybrid ``pattern`` give exactly these norm keys on
     its attention, MLP and MoE layers (megatron-core's own layers, such as Mamba, not compared)."""
-    from megatron_hybridnorm.hybrid.layouts import pattern_layouts
-    from megatron_hybridnorm.validate import SchemeConfigError
+    from megatron_hybridnorm.models.hybrid.layouts import pattern_layouts
+    from megatron_hybridnorm.transformer.validate import SchemeConfigError
 
     n = pattern.count("*")
     for name in SCHEMES:
@@ -255,7 +255,7 @@ def detect_scheme(model) -> Finding:
 def check_checkpoint(model, path: str | Path) -> None:
     """Raise ``SchemeMismatchError`` unless every layer this rank holds has the same norms in
     the checkpoint; call it before loading, so that another scheme is never half loaded."""
-    from megatron_hybridnorm.layer import SchemeMismatchError
+    from megatron_hybridnorm.transformer.layer import SchemeMismatchError
 
     saved = detect_checkpoint(path)
     mine = _collect(_model_shapes(model))

@@ -237,7 +237,7 @@ def validate_only(name: str) -> int:
     if args.transformer_impl == "local":
         from megatron.training.arguments import core_transformer_config_from_args
 
-        import megatron_hybridnorm.entrypoints as entrypoints
+        import megatron_hybridnorm.models.gpt.entrypoints as entrypoints
 
         getattr(entrypoints, args.spec[1])(core_transformer_config_from_args(args))
     return 0

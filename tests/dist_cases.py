@@ -105,7 +105,7 @@ def check_commands(argvs: list[list[str]]) -> list[tuple[int, dict | None]]:
 def load_gpt_into_hybrid_and_eval(cases: list[dict], root: str, pattern: str) -> list[float]:
     """Each case's GPT checkpoint (saved by ``save_and_eval``) loaded into the HybridModel of
     the same scheme on ``pattern``, at this rank's layout; its loss on the test batch."""
-    from megatron_hybridnorm.hybrid.gpt_checkpoint import load_gpt_checkpoint
+    from megatron_hybridnorm.models.hybrid.gpt_checkpoint import load_gpt_checkpoint
 
     losses = []
     for i, case in enumerate(cases):
@@ -145,7 +145,7 @@ def layer_spec_entry_point_stage(scheme: str, num_layers: int, vpp: int | None):
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    from megatron_hybridnorm import entrypoints
+    from megatron_hybridnorm.models.gpt import entrypoints
     from megatron_hybridnorm.check.models import SEQ, VOCAB, small_config
 
     spec = entrypoints._layer_spec_entry_point(scheme, getattr(entrypoints, scheme))

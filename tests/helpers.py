@@ -12,7 +12,7 @@ from megatron_hybridnorm.check.models import (  # noqa: F401 - re-exported for t
     rel_err,
     small_config as tiny_config,
 )
-from megatron_hybridnorm.layout_init import gather_full  # noqa: F401
+from megatron_hybridnorm.harness.layout_init import gather_full  # noqa: F401
 
 
 def on_devices(argnames: str, cases, on_gpu=lambda *case: True):

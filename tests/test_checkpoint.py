@@ -42,7 +42,7 @@ def test_another_schemes_checkpoint_is_refused_before_loading(megatron_single_ra
     from megatron.core import dist_checkpointing
 
     from megatron_hybridnorm.inspect import check_checkpoint
-    from megatron_hybridnorm.layer import SchemeMismatchError
+    from megatron_hybridnorm.transformer.layer import SchemeMismatchError
 
     path = _saved(tmp_path, saved_as)
     model = build_gpt(tiny_config(), loaded_as)
@@ -61,7 +61,7 @@ def test_another_schemes_checkpoint_is_refused_before_loading(megatron_single_ra
 
 def test_qkv_norm_width_mismatch_is_named(megatron_single_rank, tmp_path):
     from megatron_hybridnorm.inspect import check_checkpoint
-    from megatron_hybridnorm.layer import SchemeMismatchError
+    from megatron_hybridnorm.transformer.layer import SchemeMismatchError
 
     path = _saved(tmp_path, "hybridnorm", qkv_norm="full")
     with pytest.raises(SchemeMismatchError, match="qkv_norm=full"):
@@ -76,7 +76,7 @@ def test_layers_refuse_a_checkpoint_whose_norms_differ_even_with_equal_names(
 
     from megatron.core import dist_checkpointing
 
-    from megatron_hybridnorm.layer import SchemeMismatchError
+    from megatron_hybridnorm.transformer.layer import SchemeMismatchError
 
     path = _saved(tmp_path, "hybridnorm")
     model = build_gpt(tiny_config(), "hybridnorm")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron.core.transformer.enums import AttnMaskType
-from megatron_hybridnorm.core_attention import SDPAttention
+from megatron_hybridnorm.transformer.core_attention import SDPAttention
 from helpers import rel_err, tiny_config
 
 

@@ -142,3 +142,45 @@ def test_readme_is_a_landing_page_with_links_that_resolve():
             assert (page.parent / target).exists(), f"{page.name}: {target}"
     linked = set(re.findall(r"\(docs/([\w-]+\.md)\)", readme))
     assert linked == {p.name for p in pages[1:]}, "every docs page is linked from the README"
+
+
+def test_the_public_paths_keep_working():
+    """What command lines and users' code name, whatever the package's layout inside."""
+    import os
+    import subprocess
+    import sys
+
+    from megatron_hybridnorm import compat
+    from megatron_hybridnorm.schemes import SCHEMES
+
+    for module in ("megatron_hybridnorm.entrypoints", "megatron_hybridnorm.hybrid.entrypoints"):
+        for scheme in SCHEMES:  # what Megatron-LM's --spec MODULE NAME imports
+            assert compat.import_module((module, scheme)) is not None, (module, scheme)
+    for module in ("inspect", "check", "hf", "train", "train.corpora", "train.summary"):
+        out = subprocess.run([sys.executable, "-m", f"megatron_hybridnorm.{module}", "--help"],
+                             capture_output=True, text=True, env={**os.environ, "WORLD_SIZE": "1"})
+        assert out.returncode == 0 and "usage:" in out.stdout, (module, out.stderr[-2000:])
+    bin_dir = os.path.dirname(sys.executable)
+    for script in ("hybridnorm-train", "hybridnorm-check"):
+        out = subprocess.run([os.path.join(bin_dir, script), "--help"], capture_output=True,
+                             text=True)
+        assert out.returncode == 0 and "usage:" in out.stdout, (script, out.stderr[-2000:])
+
+
+def test_the_core_imports_no_tool():
+    """docs/architecture.md's direction: models and building blocks never import the tools
+    (inspect's detection aside, which the load guards use)."""
+    import ast
+
+    pkg = ROOT / "megatron_hybridnorm"
+    core = [*pkg.glob("models/**/*.py"), *pkg.glob("transformer/*.py"), *pkg.glob("norms/*.py"),
+            *pkg.glob("kernels/*.py"), pkg / "schemes.py", pkg / "compat.py"]
+    tools = ("train", "check", "hf", "harness", "testing")
+    bad = []
+    for f in core:
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            bad += [f"{f.relative_to(ROOT)}: {n}" for n in names
+                    if n.split(".")[:2] in (["megatron_hybridnorm", t] for t in tools)]
+    assert core and not bad, bad

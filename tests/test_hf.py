@@ -258,7 +258,7 @@ def megatron_lm_checkpoint(tmp_path, scheme, flags):
     )
 
     from helpers import randomize_norms
-    from megatron_hybridnorm import entrypoints
+    from megatron_hybridnorm.models.gpt import entrypoints
 
     parser = add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False))
     args = parser.parse_args(MEGATRON_LM_BASE + flags + [

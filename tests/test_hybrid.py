@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import megatron_hybridnorm as mh
+from megatron_hybridnorm.models.gpt import specs as gpt_specs
 from megatron_hybridnorm import compat
 
 if not compat.HAVE_HYBRID_MODEL:
@@ -16,9 +17,9 @@ if not compat.HAVE_HYBRID_MODEL:
 
 from helpers import SEQ, VOCAB, batch, build_gpt, randomize_norms, rel_err, tiny_config
 from megatron_hybridnorm.check.models import build_hybrid
-from megatron_hybridnorm.hybrid import get_hybrid_stack_spec, pattern_layouts
-from megatron_hybridnorm.hybrid.layouts import half
-from megatron_hybridnorm.hybrid.specs import pattern_layer_specs
+from megatron_hybridnorm.models.hybrid import get_hybrid_stack_spec, pattern_layouts
+from megatron_hybridnorm.models.hybrid.layouts import half
+from megatron_hybridnorm.models.hybrid.specs import pattern_layer_specs
 from megatron_hybridnorm.inspect import detect_checkpoint, detect_scheme
 from megatron_hybridnorm.schemes import LayerNorms
 from test_moe import MOE
@@ -153,10 +154,10 @@ def test_mamba_pattern_structure():
         sub = spec.submodules
         if pattern[i] == "*":  # no input norm, per-head Q/K/V norms, no FFN
             att = sub.self_attention.submodules
-            assert sub.input_layernorm is mh.specs.IdentityOp and sub.mlp is mh.specs.IdentityOp
+            assert sub.input_layernorm is gpt_specs.IdentityOp and sub.mlp is gpt_specs.IdentityOp
             assert att.q_layernorm is att.k_layernorm is att.v_layernorm is mh.norms.HeadNorm
         else:  # n = N(x); out = n + FFN(n), no attention
-            assert sub.self_attention is mh.specs.IdentityOp
+            assert sub.self_attention is gpt_specs.IdentityOp
             assert sub.pre_mlp_layernorm is mh.norms.PostNorm
     stack = get_hybrid_stack_spec(tiny_config(num_layers=10), "hybridnorm", pattern)
     from megatron.core.ssm.mamba_layer import MambaLayer
@@ -168,7 +169,7 @@ def test_mamba_pattern_structure():
 def _mamba_ready() -> str | None:
     if not torch.cuda.is_available():
         return "needs a CUDA device"
-    if not mh.specs.HAVE_TE:
+    if not gpt_specs.HAVE_TE:
         return "needs Transformer Engine (megatron-core's Mamba layer uses its linears)"
     try:
         import mamba_ssm  # noqa: F401
@@ -228,7 +229,7 @@ def test_te_pattern_layers_are_the_te_gpt_layers_halves(monkeypatch, scheme, moe
     (pre-norms fused into the next linear alike), and the final norm is TE's."""
     from test_te_spec import te_slots
 
-    monkeypatch.setattr(mh.specs, "HAVE_TE", True)
+    monkeypatch.setattr(gpt_specs, "HAVE_TE", True)
     extra = {**MOE, "moe_layer_freq": 1} if moe else {}
     gpt = mh.get_decoder_block_spec(tiny_config(num_layers=L, **extra), scheme,
                                     use_transformer_engine=True).layer_specs
@@ -255,7 +256,7 @@ def test_te_pattern_layers_are_the_te_gpt_layers_halves(monkeypatch, scheme, moe
 
 
 def test_in_linear_ffn_norm_is_refused_with_moe_layers(monkeypatch):
-    monkeypatch.setattr(mh.specs, "HAVE_TE", True)
+    monkeypatch.setattr(gpt_specs, "HAVE_TE", True)
     with pytest.raises(mh.SchemeConfigError, match='te_ffn_norm="in_linear" puts the norm'):
         get_hybrid_stack_spec(tiny_config(num_layers=4, **{**MOE, "moe_layer_freq": 1}),
                               "hybridnorm", "*E*E", use_transformer_engine=True,
@@ -267,7 +268,7 @@ def test_moe_pattern_needs_experts():
         get_hybrid_stack_spec(tiny_config(), "hybridnorm", "*E*E")
 
 
-@pytest.mark.skipif(mh.specs.HAVE_TE, reason="Transformer Engine is installed")
+@pytest.mark.skipif(gpt_specs.HAVE_TE, reason="Transformer Engine is installed")
 def test_te_backend_without_te_names_the_fix():
     with pytest.raises(mh.SchemeConfigError, match="use_transformer_engine=False"):
         get_hybrid_stack_spec(tiny_config(), "hybridnorm", GPT_LIKE, use_transformer_engine=True)
@@ -311,7 +312,7 @@ def test_hybrid_checkpoint_of_another_scheme_is_refused(megatron_single_rank, tm
     saved = build_hybrid(tiny_config(num_layers=4), "hybridnorm", "*-*-")
     dist_checkpointing.save(saved.sharded_state_dict(), str(tmp_path))
     other = build_hybrid(tiny_config(num_layers=4), "prenorm", "*-*-")
-    with pytest.raises(mh.layer.SchemeMismatchError, match="holds hybridnorm"):
+    with pytest.raises(mh.SchemeMismatchError, match="holds hybridnorm"):
         check_checkpoint(other, tmp_path)
 
 
@@ -328,10 +329,10 @@ def test_each_hybrid_layer_checks_its_half_of_the_saved_layout_as_it_loads(megat
     attn.set_extra_state({"norms": gpt_layout})  # both halves of the GPT layer's: accepted
     ffn.set_extra_state({"norms": gpt_layout})
     other = asdict(get_scheme("prenorm").body)
-    with pytest.raises(mh.layer.SchemeMismatchError, match=r"hybrid layer 0 \('\*'\) of the "
+    with pytest.raises(mh.SchemeMismatchError, match=r"hybrid layer 0 \('\*'\) of the "
                                                            r"checkpoint has the norms"):
         attn.set_extra_state({"norms": other})
-    with pytest.raises(mh.layer.SchemeMismatchError, match=r"hybrid layer 1 \('-'\)"):
+    with pytest.raises(mh.SchemeMismatchError, match=r"hybrid layer 1 \('-'\)"):
         ffn.set_extra_state({"norms": other})
 
 
@@ -347,7 +348,7 @@ def test_gpt_checkpoint_loads_into_the_hybrid_model(megatron_single_rank, tmp_pa
     checkpoints: megatron-core's translation for the first, ours for the second."""
     from megatron.core import dist_checkpointing
 
-    from megatron_hybridnorm.hybrid.gpt_checkpoint import load_gpt_checkpoint
+    from megatron_hybridnorm.models.hybrid.gpt_checkpoint import load_gpt_checkpoint
 
     gpt, _ = gpt_and_hybrid(scheme)
     dist_checkpointing.save(gpt.sharded_state_dict(), str(tmp_path))
@@ -359,7 +360,7 @@ def test_gpt_checkpoint_loads_into_the_hybrid_model(megatron_single_rank, tmp_pa
     got = hyb(tokens, pos, None, labels=labels).mean().item()
     assert abs(got - want) <= 1e-6 * abs(want) and abs(before - want) > 1e-3
     other = build_hybrid(tiny_config(num_layers=2 * L), "prenorm_qknorm", GPT_LIKE)
-    with pytest.raises(mh.layer.SchemeMismatchError, match="build it with the checkpoint's"):
+    with pytest.raises(mh.SchemeMismatchError, match="build it with the checkpoint's"):
         load_gpt_checkpoint(other, tmp_path, GPT_LIKE)
 
 
@@ -370,7 +371,7 @@ def test_converted_gpt_checkpoint_saves_and_loads_as_a_hybrid_checkpoint(megatro
     fresh HybridModel the way Megatron-LM's --load does (its sharded state dict, strict)."""
     from megatron.core import dist_checkpointing
 
-    from megatron_hybridnorm.hybrid.gpt_checkpoint import load_gpt_checkpoint
+    from megatron_hybridnorm.models.hybrid.gpt_checkpoint import load_gpt_checkpoint
 
     gpt, _ = gpt_and_hybrid("hybridnorm_star")
     (tmp_path / "gpt").mkdir()
@@ -451,7 +452,7 @@ def test_pretrain_hybrid_entry_point_options_and_load_check(
     dist_checkpointing.save(model.sharded_state_dict(), str(tmp_path))
     monkeypatch.delenv("HYBRIDNORM_QKV_NORM")
     megatron_lm_args(hybrid_layer_pattern=GPT_LIKE, load=str(tmp_path))
-    with pytest.raises(mh.layer.SchemeMismatchError,
+    with pytest.raises(mh.SchemeMismatchError,
                        match="--spec megatron_hybridnorm.hybrid.entrypoints hybridnorm "):
         build_like_pretrain_hybrid("hybridnorm", GPT_LIKE, transformer_impl="local")
 
@@ -465,7 +466,7 @@ def test_pretrain_hybrid_says_fsdp_with_tp_is_untested(megatron_single_rank, meg
 
 
 def test_pretrain_hybrid_without_te_names_the_flag(megatron_single_rank, megatron_lm_args):
-    if mh.specs.HAVE_TE:
+    if gpt_specs.HAVE_TE:
         pytest.skip("Transformer Engine is installed")
     megatron_lm_args(hybrid_layer_pattern=GPT_LIKE)
     with pytest.raises(mh.SchemeConfigError, match="--transformer-impl local"):

@@ -668,7 +668,7 @@ def test_fused_residual_add_equals_megatrons_bias_dropout_add(megatron_single_ra
     dropout is fused too (its mask is tested in test_add_rms_norm_with_dropout_...); on the torch
     path the handed-over add is bitwise Megatron's bias-dropout-add."""
     from helpers import build_gpt, randomize_norms, tiny_config
-    from megatron_hybridnorm.layer import HybridTransformerLayer
+    from megatron_hybridnorm.transformer.layer import HybridTransformerLayer
 
     with torch.device(device):  # the models and what Megatron allocates without a device
         torch.manual_seed(0)

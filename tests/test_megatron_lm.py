@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import megatron_hybridnorm as mh
-from megatron_hybridnorm import compat, entrypoints
+from megatron_hybridnorm.models.gpt import specs as gpt_specs
+from megatron_hybridnorm import compat
+from megatron_hybridnorm.models.gpt import entrypoints
 from megatron_hybridnorm.inspect import detect_checkpoint, detect_scheme, main as inspect_main
 from helpers import SEQ, VOCAB, batch, build_gpt, tiny_config
 from test_moe import MOE
@@ -80,7 +82,7 @@ def test_entry_point_refuses_unknown_or_bad_environment(monkeypatch):
         entrypoints.mixln(tiny_config(transformer_impl="local"))
 
 
-@pytest.mark.skipif(mh.specs.HAVE_TE, reason="Transformer Engine is installed")
+@pytest.mark.skipif(gpt_specs.HAVE_TE, reason="Transformer Engine is installed")
 def test_entry_point_on_te_impl_without_te_names_the_flag():
     # TransformerConfig's (and Megatron-LM's) default transformer_impl is transformer_engine
     with pytest.raises(mh.SchemeConfigError, match="--transformer-impl local"):
@@ -150,7 +152,7 @@ def test_entry_point_refuses_a_load_checkpoint_of_another_scheme(
     """Megatron-LM would load part of it in place before failing: refuse before building."""
     from megatron.core import dist_checkpointing
 
-    from megatron_hybridnorm.layer import SchemeMismatchError
+    from megatron_hybridnorm.transformer.layer import SchemeMismatchError
 
     model = build_gpt(tiny_config(), saved, **options)
     dist_checkpointing.save(model.sharded_state_dict(), str(tmp_path))

@@ -8,7 +8,7 @@ import megatron_hybridnorm as mh
 from helpers import build_gpt, randomize_norms, tiny_config
 from megatron_hybridnorm import compat
 from megatron_hybridnorm.check.compare import group_of
-from megatron_hybridnorm.layout_init import layout_invariant_init
+from megatron_hybridnorm.harness.layout_init import layout_invariant_init
 from megatron_hybridnorm.norms.names import is_head_norm_parameter, is_norm_parameter
 
 NORMS = [

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import megatron_hybridnorm as mh
-from megatron_hybridnorm import entrypoints
+from megatron_hybridnorm.models.gpt import entrypoints
 from helpers import batch, build_gpt, randomize_norms, rel_err, tiny_config
 
 MOE_OVERLAP = dict(num_moe_experts=4, moe_router_topk=2, expert_model_parallel_size=2,
@@ -59,7 +59,7 @@ def test_cuda_graphs_keep_the_residual_add_inside_one_graph(megatron_single_rank
 
 
 def test_te_activation_func_is_honoured_on_te_and_refused_on_local(monkeypatch):
-    from megatron_hybridnorm import specs
+    from megatron_hybridnorm.models.gpt import specs
 
     cfg = tiny_config(use_te_activation_func=True, bias_activation_fusion=False)
     with pytest.raises(mh.SchemeConfigError, match="use_transformer_engine=True"):

@@ -215,7 +215,7 @@ def test_local_and_te_checkpoints_interchange(tmp_path, scheme):
 def test_the_layout_init_and_the_norm_randomization_see_tes_fused_norms(megatron_single_rank):
     """hybridnorm-check --backend te drew TE's fused norm weights (layer_norm_weight) as
     weights; the CPU twin is tests/test_norm_names.py."""
-    from megatron_hybridnorm.layout_init import layout_invariant_init
+    from megatron_hybridnorm.harness.layout_init import layout_invariant_init
     from megatron_hybridnorm.norms.names import is_norm_parameter
 
     model = build("prenorm", te=True, device="cuda")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import megatron_hybridnorm as mh
-from megatron_hybridnorm import specs
+from megatron_hybridnorm.models.gpt import specs
 from megatron_hybridnorm.norms import Norm, PostNorm
 from megatron_hybridnorm.norms.te import (
     InterchangeableTENorm,

@@ -26,7 +26,7 @@ def test_hanging_rank_times_out_and_is_named():
 
 
 def test_the_product_does_not_import_the_test_support():
-    """Running on a CPU is a product feature (megatron_hybridnorm.cpu); the training command,
+    """Running on a CPU is a product feature (megatron_hybridnorm.harness.cpu); the training command,
     the check and the export imported it from megatron_hybridnorm.testing."""
     import ast
     from pathlib import Path

@@ -267,9 +267,9 @@ def test_verbose_shows_megatron_cores_warnings_and_the_package_imports_it_lazily
     assert "Falling back" in out.stderr
     probe = subprocess.run([sys.executable, "-c", "import sys, megatron_hybridnorm as mh; "
                             "import megatron_hybridnorm.train.cli; "
-                            "print('megatron' in sys.modules, mh.SCHEMES[0], mh.specs.__name__)"],
+                            "print('megatron' in sys.modules, mh.SCHEMES[0], mh.models.__name__)"],
                            capture_output=True, text=True, check=True)
-    assert probe.stdout.split() == ["False", "prenorm", "megatron_hybridnorm.specs"]
+    assert probe.stdout.split() == ["False", "prenorm", "megatron_hybridnorm.models"]
 
 
 def test_data_shorter_than_a_sequence_is_refused(tmp_path, capsys):

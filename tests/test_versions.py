@@ -14,7 +14,8 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 import megatron_hybridnorm as mh
 from helpers import SEQ, VOCAB, batch, randomize_norms, tiny_config
-from megatron_hybridnorm import compat, entrypoints
+from megatron_hybridnorm import compat
+from megatron_hybridnorm.models.gpt import entrypoints
 from megatron_hybridnorm.inspect import detect_scheme
 from test_reference import TOL, compare_to_reference
 
@@ -45,7 +46,7 @@ def test_without_hybrid_model_the_package_imports_and_the_hybrid_spec_is_refused
     with pytest.raises(ImportError, match=r"needs megatron-core >= 0\.18"):
         mh.get_hybrid_stack_spec(tiny_config(), "hybridnorm", "*-*-")
     with pytest.raises(ImportError, match=r"needs megatron-core >= 0\.18"):
-        import megatron_hybridnorm.hybrid  # noqa: F401
+        import megatron_hybridnorm.models.hybrid  # noqa: F401
 
 
 def test_a_failed_spec_import_raises_on_every_version():

@@ -131,7 +131,7 @@ def _init(layout, seed=1234):
 
 
 def _setup_process_group() -> None:
-    from megatron_hybridnorm.cpu import use_cpu
+    from megatron_hybridnorm.harness.cpu import use_cpu
 
     if not torch.cuda.is_available():
         use_cpu()
@@ -186,9 +186,9 @@ def run(args, dp: int) -> tuple[list[compare.Check], dict]:
     training.save(parallel["chunks"], ckpt)
     torch.distributed.barrier()
     _init({})
-    from megatron_hybridnorm.layer import SchemeMismatchError
-    from megatron_hybridnorm.layout_init import global_name
-    from megatron_hybridnorm.layout_init import gather_full
+    from megatron_hybridnorm.transformer.layer import SchemeMismatchError
+    from megatron_hybridnorm.harness.layout_init import global_name
+    from megatron_hybridnorm.harness.layout_init import gather_full
 
     try:
         loaded = training.load(reference_case, ckpt)

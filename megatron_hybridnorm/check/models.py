@@ -16,7 +16,7 @@ SEQ = 16
 
 def small_config(**overrides):
     """A small GQA/SwiGLU/RoPE config: 4 layers, d 64, 4 heads over 2 query groups, fp32."""
-    from megatron_hybridnorm.gpt_config import gpt_config
+    from megatron_hybridnorm.harness.gpt_config import gpt_config
 
     return gpt_config(**{**dict(num_layers=4, hidden_size=64, num_attention_heads=4,
                                 num_query_groups=2, ffn_hidden_size=96), **overrides})
@@ -52,7 +52,7 @@ def build_hybrid(config, scheme, pattern, *, pre_process=True, post_process=True
     (``|`` splits it into pipeline stages)."""
     from megatron.core.models.hybrid.hybrid_model import HybridModel
 
-    from megatron_hybridnorm.hybrid import get_hybrid_stack_spec
+    from megatron_hybridnorm.models.hybrid import get_hybrid_stack_spec
 
     spec = get_hybrid_stack_spec(config, scheme, pattern,
                                  use_transformer_engine=use_transformer_engine, **options)
@@ -70,7 +70,7 @@ def build_hybrid(config, scheme, pattern, *, pre_process=True, post_process=True
 def randomize_norms(model, seed=7):
     """Norm weights that are not 1 (and LayerNorm biases that are not 0), drawn per global
     parameter name: the same values at any TP/PP layout."""
-    from megatron_hybridnorm.layout_init import full_shape, global_name, shard
+    from megatron_hybridnorm.harness.layout_init import full_shape, global_name, shard
 
     tp, rank = _tp()
     with torch.no_grad():

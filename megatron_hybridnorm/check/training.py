@@ -16,7 +16,7 @@ from functools import partial
 
 import torch
 
-from megatron_hybridnorm.layout_init import gather_full, global_name, layout_invariant_init
+from megatron_hybridnorm.harness.layout_init import gather_full, global_name, layout_invariant_init
 from megatron_hybridnorm.norms.names import is_norm_parameter
 from megatron_hybridnorm.check import faults
 from megatron_hybridnorm.check.models import batch, build_gpt, build_hybrid, randomize_norms, small_config
@@ -106,7 +106,7 @@ def train_case(case: dict, steps: int = 3) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from megatron_hybridnorm.steps import forward_step, mean_over_batch, microbatches
+    from megatron_hybridnorm.harness.steps import forward_step, mean_over_batch, microbatches
 
     config = case_config(case)
     chunks = build_chunks(config, case)
@@ -178,7 +178,7 @@ def eval_loss(chunks) -> float:
     """Forward-only loss on the test batch, through Megatron's schedule."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_hybridnorm.steps import forward_step, mean_over_batch
+    from megatron_hybridnorm.harness.steps import forward_step, mean_over_batch
 
     tokens, labels, _ = batch(b=2)
     mbs = [(tokens[:1], labels[:1]), (tokens[1:], labels[1:])]  # 2: interleaving needs M >= PP

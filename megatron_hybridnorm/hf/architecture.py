@@ -130,7 +130,7 @@ class Architecture:
         """A one-rank TransformerConfig on the CPU, in fp32."""
         import torch.nn.functional as F
 
-        from megatron_hybridnorm.gpt_config import gpt_config
+        from megatron_hybridnorm.harness.gpt_config import gpt_config
 
         return gpt_config(**{**dict(
             num_layers=self.num_layers, hidden_size=self.hidden_size,
@@ -147,7 +147,7 @@ class Architecture:
         """A one-rank Megatron GPTModel of this architecture (parallel state set up)."""
         from megatron.core.models.gpt import GPTModel
 
-        from megatron_hybridnorm.specs import get_decoder_block_spec
+        from megatron_hybridnorm.models.gpt.specs import get_decoder_block_spec
 
         config = config or self.transformer_config()
         spec = get_decoder_block_spec(config, self.scheme, **self.options())

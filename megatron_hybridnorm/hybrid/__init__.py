@@ -1,12 +1,3 @@
-"""The norm schemes on megatron-core's ``HybridModel``: a decoder given as a layer pattern
-(``*`` attention, ``-`` MLP, ``E`` MoE, ``M`` Mamba, ``|`` a pipeline split)."""
-
-from megatron_hybridnorm.compat import require_hybrid_model
-
-require_hybrid_model("megatron_hybridnorm.hybrid")
-
-from megatron_hybridnorm.hybrid.layouts import PatternLayer, pattern_layouts
-from megatron_hybridnorm.hybrid.specs import get_hybrid_stack_spec
-from megatron_hybridnorm.hybrid.stack import HybridNormStack
-
-__all__ = ["HybridNormStack", "PatternLayer", "get_hybrid_stack_spec", "pattern_layouts"]
+"""The public path of the HybridModel entry points, kept for Megatron-LM command lines:
+``pretrain_hybrid.py --spec megatron_hybridnorm.hybrid.entrypoints <scheme>``. The HybridModel
+support lives in ``megatron_hybridnorm.models.hybrid``."""

@@ -39,7 +39,7 @@ def init_rank(rank: int, world_size: int, port: int, layout: Parallel, seed: int
     """Set up one rank: CPU patches, the gloo group and Megatron's parallel state."""
     import torch
 
-    from megatron_hybridnorm.cpu import use_cpu
+    from megatron_hybridnorm.harness.cpu import use_cpu
 
     use_cpu()
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -65,7 +65,7 @@ def init_rank(rank: int, world_size: int, port: int, layout: Parallel, seed: int
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
-    from megatron_hybridnorm.dist_ckpt import use_in_process_write_queue
+    from megatron_hybridnorm.harness.dist_ckpt import use_in_process_write_queue
 
     use_in_process_write_queue()  # no Manager process (seconds to start) for checkpoint saves
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_hybridnorm.dist_ckpt import use_in_process_write_queue
+from megatron_hybridnorm.harness.dist_ckpt import use_in_process_write_queue
 
 
 def _barrier():
@@ -92,7 +92,7 @@ def load_newest_intact(folder: Path, model, optimizer, scheduler, note) -> int |
     an error, not damage."""
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
-    from megatron_hybridnorm.layer import SchemeMismatchError
+    from megatron_hybridnorm.transformer.layer import SchemeMismatchError
 
     damaged = []
     for path in candidates(folder):

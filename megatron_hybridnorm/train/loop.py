@@ -12,7 +12,7 @@ from functools import partial
 import torch
 
 from megatron_hybridnorm.train import checkpoint
-from megatron_hybridnorm.steps import forward_step, mean_over_batch, microbatches
+from megatron_hybridnorm.harness.steps import forward_step, mean_over_batch, microbatches
 from megatron_hybridnorm.train.data import Corpus, get_batch
 from megatron_hybridnorm.train.model import build, unwrap
 from megatron_hybridnorm.train.runs import RunKey, run_args

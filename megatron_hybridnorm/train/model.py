@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from megatron_hybridnorm import apply_small_init, get_decoder_block_spec
-from megatron_hybridnorm.gpt_config import gpt_config
-from megatron_hybridnorm.layout_init import layout_invariant_init
+from megatron_hybridnorm.harness.gpt_config import gpt_config
+from megatron_hybridnorm.harness.layout_init import layout_invariant_init
 
 
 def transformer_config(args):

@@ -20,14 +20,14 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from megatron_hybridnorm.attention import QKVNormSelfAttention, QKVNormSelfAttentionSubmodules
+from megatron_hybridnorm.transformer.attention import QKVNormSelfAttention, QKVNormSelfAttentionSubmodules
 from megatron_hybridnorm.compat import dense_mlp_spec
-from megatron_hybridnorm.core_attention import SDPAttention
-from megatron_hybridnorm.layer import HybridTransformerLayer, HybridTransformerLayerSubmodules
+from megatron_hybridnorm.transformer.core_attention import SDPAttention
+from megatron_hybridnorm.transformer.layer import HybridTransformerLayer, HybridTransformerLayerSubmodules
 from megatron_hybridnorm.norms import FullWidthNorm, HeadNorm, Norm, PostNorm
 from megatron_hybridnorm.norms.te import InterchangeableTENorm, TEPostNorm, te_norm_linear_keeping_norm
 from megatron_hybridnorm.schemes import LayerNorms, get_scheme
-from megatron_hybridnorm.validate import SchemeConfigError, check_config, check_options
+from megatron_hybridnorm.transformer.validate import SchemeConfigError, check_config, check_options
 
 
 def _head_norms(qkv_norm: str):

@@ -136,7 +136,7 @@ def check_config(
     if config.fp8 or config.fp4:
         fail("FP8/FP4 run through Transformer Engine's linears; build the spec with "
              "use_transformer_engine=True")
-    from megatron_hybridnorm.core_attention import check_sdpa_config
+    from megatron_hybridnorm.transformer.core_attention import check_sdpa_config
 
     try:
         check_sdpa_config(config)

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from megatron_hybridnorm.schemes import LayerNorms, get_scheme
-from megatron_hybridnorm.validate import SchemeConfigError
+from megatron_hybridnorm.transformer.validate import SchemeConfigError
 
 ATTENTION, MLP, MOE, PIPE, MTP = "*", "-", "E", "|", "/"
 OURS = (ATTENTION, MLP, MOE)

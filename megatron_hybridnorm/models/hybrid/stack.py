@@ -9,10 +9,10 @@ from dataclasses import dataclass, replace
 from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from megatron_hybridnorm.specs import backend
-from megatron_hybridnorm.validate import SchemeConfigError
-from megatron_hybridnorm.hybrid.layouts import check_segment
-from megatron_hybridnorm.hybrid.specs import pattern_layer_specs
+from megatron_hybridnorm.models.gpt.specs import backend
+from megatron_hybridnorm.transformer.validate import SchemeConfigError
+from megatron_hybridnorm.models.hybrid.layouts import check_segment
+from megatron_hybridnorm.models.hybrid.specs import pattern_layer_specs
 
 
 @dataclass
@@ -30,7 +30,7 @@ class _LayerAtPosition:
 
 
 def _megatron_lm_pattern() -> str | None:
-    from megatron_hybridnorm.entrypoints import _megatron_lm_args
+    from megatron_hybridnorm.models.gpt.entrypoints import _megatron_lm_args
 
     return getattr(_megatron_lm_args(), "hybrid_layer_pattern", None)
 
@@ -50,7 +50,7 @@ def whole_pattern(pattern, layer_type_list, pp_layer_offset, pg_collection) -> s
 
 
 class HybridNormStack(HybridStack):
-    """``HybridStack`` for a norm scheme (see ``hybrid/layouts.py`` for where each norm sits)."""
+    """``HybridStack`` for a norm scheme (see ``layouts.py`` for where each norm sits)."""
 
     def __init__(self, config, submodules: HybridNormStackSubmodules, *, scheme: str,
                  hybrid_layer_pattern: str | None = None, use_transformer_engine: bool = False,

@@ -13,11 +13,11 @@ from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_hybridnorm.layer import HybridTransformerLayer
+from megatron_hybridnorm.transformer.layer import HybridTransformerLayer
 from megatron_hybridnorm.schemes import LayerNorms, get_scheme
-from megatron_hybridnorm.specs import backend, get_layer_spec
-from megatron_hybridnorm.validate import SchemeConfigError, check_config, check_options
-from megatron_hybridnorm.hybrid.layouts import ATTENTION, MOE, PatternLayer, half, pattern_layouts
+from megatron_hybridnorm.models.gpt.specs import backend, get_layer_spec
+from megatron_hybridnorm.transformer.validate import SchemeConfigError, check_config, check_options
+from megatron_hybridnorm.models.hybrid.layouts import ATTENTION, MOE, PatternLayer, half, pattern_layouts
 
 
 class PatternLayerModule(HybridTransformerLayer):
@@ -105,7 +105,7 @@ def get_hybrid_stack_spec(
     Megatron-LM's ``--hybrid-layer-pattern`` or, without a pipeline split, the layers it is
     given. Options as ``get_decoder_block_spec``.
     """
-    from megatron_hybridnorm.hybrid.stack import HybridNormStack, HybridNormStackSubmodules
+    from megatron_hybridnorm.models.hybrid.stack import HybridNormStack, HybridNormStackSubmodules
 
     if hybrid_layer_pattern is not None:
         pattern_layer_specs(config, scheme, hybrid_layer_pattern,

@@ -85,7 +85,7 @@ def load_gpt_checkpoint(model, path: str | Path, hybrid_layer_pattern: str) -> N
     )
 
     from megatron_hybridnorm.inspect import checkpoint_folder, detect_checkpoint, detect_scheme
-    from megatron_hybridnorm.layer import SchemeMismatchError
+    from megatron_hybridnorm.transformer.layer import SchemeMismatchError
 
     folder = checkpoint_folder(Path(path))
     theirs, mine = detect_checkpoint(folder), detect_scheme(model)
