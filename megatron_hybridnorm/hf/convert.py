@@ -33,7 +33,7 @@ def one_rank() -> None:
             raise ExportError("export and import run at one rank: call them outside a "
                               "tensor- or pipeline-parallel run")
         return
-    from megatron_hybridnorm.train.dist import setup
+    from megatron_hybridnorm.harness.dist import setup
 
     setup(tp=1, pp=1, seed=0)
 

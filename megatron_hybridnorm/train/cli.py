@@ -326,7 +326,7 @@ def main(argv=None) -> int:
         quiet()
     import torch
 
-    from megatron_hybridnorm.train import dist
+    from megatron_hybridnorm.harness import dist
     from megatron_hybridnorm.train.checkpoint import CheckpointDamaged
     from megatron_hybridnorm.train.data import BYTE_VOCAB, DataError, get_batch, load_corpus
     from megatron_hybridnorm.train.log import RunLog, read_jsonl

@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from megatron_hybridnorm.train.dist import is_main
+from megatron_hybridnorm.harness.dist import is_main
 
 
 def _clean(value):
