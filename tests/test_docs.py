@@ -184,3 +184,17 @@ def test_the_core_imports_no_tool():
             bad += [f"{f.relative_to(ROOT)}: {n}" for n in names
                     if n.split(".")[:2] in (["megatron_hybridnorm", t] for t in tools)]
     assert core and not bad, bad
+
+
+def test_study_tables_in_the_docs_are_the_committed_runs():
+    """A study table shown in the docs is, line for line, one a committed run printed."""
+    import re
+
+    runs = {t.parent.name: t.read_text() for t in (ROOT / "docs" / "study").glob("*/table.txt")}
+    shown = 0
+    for page in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        for block in re.findall(r"(?ms)^```\n((?:validation loss, \d+ seeds|final validation loss "
+                                r"by peak).*?)^```", page.read_text()):
+            assert any(block.strip() in text for text in runs.values()), (page.name, block[:200])
+            shown += 1
+    assert shown >= 2
