@@ -19,7 +19,8 @@ import torch
 from megatron_hybridnorm.harness.layout_init import gather_full, global_name, layout_invariant_init
 from megatron_hybridnorm.norms.names import is_norm_parameter
 from megatron_hybridnorm.check import faults
-from megatron_hybridnorm.check.models import batch, build_gpt, build_hybrid, randomize_norms, small_config
+from megatron_hybridnorm.check.models import (batch, build_gpt, build_hybrid, randomize_norms,
+                                             small_config)
 
 
 def device() -> torch.device:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -426,7 +425,9 @@ def main(argv=None) -> int:
         written = ["metrics.jsonl", "summary.json", *figures, "config.json"]
         if kernel_paths:
             written.append("kernel_paths.txt")
-            choice = os.environ.get("HYBRIDNORM_KERNELS", "torch")
+            from megatron_hybridnorm.kernels.dispatch import kernel_mode
+
+            choice = kernel_mode()
             if choice == "torch":
                 print("\nnorm kernels: torch in every layer (the default; HYBRIDNORM_KERNELS=auto "
                       "opts in to the Triton kernels on CUDA); per layer in kernel_paths.txt")

@@ -6,8 +6,8 @@
   licence; the novels, published 1811-1818, are in the public domain). ``fetch`` downloads the
   1.6 MB package once (its SHA-256 pinned below), or takes a copy of it with ``--from``, and
   writes one text file per novel to the cache (and keeps the package there); training reads only
-  the cache. Each chapter is a
-  document, so the validation split (every 20th document) holds whole chapters.
+  the cache. Each chapter is a document, so the validation split (every 20th document) holds
+  whole chapters.
 
     python -m megatron_hybridnorm.train.corpora fetch austen [--from FILE.deb]
 """
@@ -27,7 +27,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_hybridnorm.train.data import BYTE_VOCAB, Corpus, DataError, TokenStream, _as_bytes, _split, stdlib_corpus
+from megatron_hybridnorm.train.data import (BYTE_VOCAB, Corpus, DataError, TokenStream, _split,
+                                            documents_up_to, stdlib_corpus)
 
 
 @dataclass(frozen=True)
@@ -140,15 +141,10 @@ def austen_corpus(max_bytes: int, folder: Path | None = None) -> Corpus:
             "'python -m megatron_hybridnorm.train.corpora fetch austen' (1.6 MB from "
             "deb.debian.org; scripts/dev.sh does this at set-up; offline, add --from FILE.deb "
             "with a copy of the package)")
-    docs, total = [], 0
-    for n in AUSTEN_NOVELS:
-        for chapter in chapters((folder / f"{n}.txt").read_text(encoding="utf-8")):
-            docs.append(_as_bytes(chapter))
-            total += len(docs[-1])
-            if total >= max_bytes:
-                break
-        if total >= max_bytes:
-            break
+    docs = documents_up_to((chapter for n in AUSTEN_NOVELS for chapter in
+                            chapters((folder / f"{n}.txt").read_text(encoding="utf-8"))),
+                           max_bytes)
+    total = sum(len(d) for d in docs)
     train, val = _split(docs, f"--corpus austen ({folder})")
     return Corpus(TokenStream(train), TokenStream(val), BYTE_VOCAB,
                   f"Jane Austen's novels ({AUSTEN.package}), {len(docs)} chapters, "

@@ -78,20 +78,32 @@ def _as_bytes(text: str | bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8).astype(np.int64)
 
 
+def documents_up_to(texts, max_bytes: int) -> list[np.ndarray]:
+    """Documents (str or bytes, read lazily) as byte arrays, until they hold ``max_bytes`` (the
+    one that crosses the limit included)."""
+    docs, total = [], 0
+    for text in texts:
+        docs.append(_as_bytes(text))
+        total += len(docs[-1])
+        if total >= max_bytes:
+            break
+    return docs
+
+
+def _readable(paths):
+    for path in paths:
+        try:
+            yield path.read_bytes()
+        except OSError:
+            continue
+
+
 def stdlib_corpus(max_bytes: int) -> Corpus:
     """The standard library's ``.py`` files in sorted order, up to ``max_bytes`` in all."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
-    docs, total = [], 0
-    for path in files:
-        try:
-            data = path.read_bytes()
-        except OSError:
-            continue
-        docs.append(_as_bytes(data))
-        total += len(data)
-        if total >= max_bytes:
-            break
+    docs = documents_up_to(_readable(files), max_bytes)
+    total = sum(len(d) for d in docs)
     if not docs:
         raise DataError(f"found no Python sources under {root}; pass --text or --data-path")
     train, val = _split(docs, f"the standard library at {root}")
@@ -106,20 +118,18 @@ def text_corpus(path: str, max_bytes: int) -> Corpus:
     if not p.is_file():
         raise DataError(f"--text {path}: no such file")
     if p.suffix in (".jsonl", ".json"):
-        docs, total = [], 0
-        with p.open("r", encoding="utf-8") as f:
+        def texts(f):
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
-                    text = json.loads(line)["text"]
+                    yield json.loads(line)["text"]
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
                     raise DataError(f"--text {path}, line {n}: expected a JSON object with a "
                                     f'"text" field ({type(e).__name__}: {e})') from None
-                docs.append(_as_bytes(text))
-                total += len(docs[-1])
-                if total >= max_bytes:
-                    break
+
+        with p.open("r", encoding="utf-8") as f:
+            docs = documents_up_to(texts(f), max_bytes)
     else:
         try:
             with p.open("rb") as f:
