@@ -65,12 +65,12 @@ def _interval(iv) -> dict:
                 seeds_needed=seeds_needed(iv.mean, iv.std))
 
 
-def _needed(iv) -> str:
-    """What more seeds would do for an open pair, in words."""
-    n = seeds_needed(iv.mean, iv.std)
+def _needed(d: dict) -> str:
+    """What more seeds would do for an open pair (its ``_interval``), in words."""
+    n = d["seeds_needed"]
     if n is None:
         return (f"at this gap and spread even {SEEDS_LIMIT} seeds would not resolve it"
-                if iv.mean else "no gap at all")
+                if d["mean"] else "no gap at all")
     return f"at this gap and spread a 95% interval would exclude 0 from {n} seeds"
 
 
@@ -81,7 +81,8 @@ def orderings(records: dict, schemes: list[str], seeds: list[int]) -> dict:
     lower: set[tuple[str, str]] = set()  # (a, b): a is supported lower than b
     for a, b in combinations(schemes, 2):
         iv = _paired(records, a, b, seeds, "final_val_loss")
-        pairs.append(dict(a=a, b=b, a_minus_b=_interval(iv)))
+        d = _interval(iv)
+        pairs.append(dict(a=a, b=b, a_minus_b=d))
         if iv.n < 2:
             open_.append(f"{a} vs {b}: {iv.n} seed(s) with both runs finished; an interval "
                          "needs at least 2 (run --seeds 3 or more)")
@@ -97,7 +98,7 @@ def orderings(records: dict, schemes: list[str], seeds: list[int]) -> dict:
         else:
             open_.append(f"{a} vs {b}: not resolved, {a} - {b} = {iv.mean:+.4f} (95% interval "
                          f"{iv.low:+.4f} to {iv.high:+.4f} includes 0, {iv.n} seeds); "
-                         + _needed(iv))
+                         + _needed(d))
     return dict(supported=supported, not_supported=open_, paper=_paper_verdict(schemes, lower),
                 pairs=pairs)
 
