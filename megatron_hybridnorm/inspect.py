@@ -39,11 +39,22 @@ def layer_norm_keys(lay: LayerNorms, moe: bool) -> frozenset[str]:
         keys.add("mlp.linear_fc1.layer_norm_weight" if fused else "pre_mlp_layernorm.weight")
     if lay.post_mlp:
         keys.add("post_mlp_layernorm.weight")
+    if lay.attn_output:
+        keys.add("self_attn_output_layernorm.weight")
+    if lay.mlp_output:
+        keys.add("mlp_output_layernorm.weight")
+    keys.update(k for k, on in ((DEPTH_SCALE, lay.depth_scaled), (RESIDUAL_SCALE, lay.deepnorm))
+                if on)
     return frozenset(keys)
 
 
+# the layer buffers that say LayerNorm Scaling and DeepNorm (they add no norm weight)
+DEPTH_SCALE, RESIDUAL_SCALE = "depth_scale", "residual_scale_factor"
+
+
 def _is_norm_weight(rest: str) -> bool:
-    return is_norm_parameter(rest) and rest.endswith("weight")
+    return (is_norm_parameter(rest) and rest.endswith("weight")) or rest in (DEPTH_SCALE,
+                                                                              RESIDUAL_SCALE)
 
 
 @dataclass
@@ -224,26 +235,36 @@ def layer_checkpoint_params(model) -> dict:
     """The decoder layers' parameters of a model on this rank (or a list of its pipeline chunks)
     under their global checkpoint names: the layer's global index, and the names its
     ``sharded_state_dict_keys_map`` gives them (a local and a TE model then agree)."""
-    chunks = model if isinstance(model, (list, tuple)) else [model]
     params = {}
-    for chunk in chunks:
-        while not hasattr(chunk, "decoder") and hasattr(chunk, "module"):
-            chunk = chunk.module  # DDP, Float16Module
-        for layer in chunk.decoder.layers:
-            keys_map = getattr(getattr(layer, "submodules_config", None),
-                               "sharded_state_dict_keys_map", None) or {}
-            prefix = f"decoder.layers.{layer.layer_number - 1}."
-            for name, p in layer.named_parameters():
-                for old, new in keys_map.items():
-                    if name.startswith(old):
-                        name = new + name[len(old):]
-                params[prefix + name] = p
+    for layer in _decoder_layers(model):
+        keys_map = getattr(getattr(layer, "submodules_config", None),
+                           "sharded_state_dict_keys_map", None) or {}
+        prefix = f"decoder.layers.{layer.layer_number - 1}."
+        for name, p in layer.named_parameters():
+            for old, new in keys_map.items():
+                if name.startswith(old):
+                    name = new + name[len(old):]
+            params[prefix + name] = p
     return params
 
 
 def _model_shapes(model) -> dict[str, tuple]:
-    """Global checkpoint names and shapes of the layer parameters of a model on this rank."""
-    return {name: tuple(p.shape) for name, p in layer_checkpoint_params(model).items()}
+    """Global checkpoint names and shapes of the layer parameters (and the scale buffers) of a
+    model on this rank."""
+    shapes = {name: tuple(p.shape) for name, p in layer_checkpoint_params(model).items()}
+    for layer in _decoder_layers(model):
+        for name in (DEPTH_SCALE, RESIDUAL_SCALE):
+            if layer._buffers.get(name) is not None:
+                shapes[f"decoder.layers.{layer.layer_number - 1}.{name}"] = ()
+    return shapes
+
+
+def _decoder_layers(model):
+    """The decoder layers of a model on this rank, or of a list of its pipeline chunks."""
+    for chunk in model if isinstance(model, (list, tuple)) else [model]:
+        while not hasattr(chunk, "decoder") and hasattr(chunk, "module"):
+            chunk = chunk.module  # DDP, Float16Module
+        yield from chunk.decoder.layers
 
 
 def detect_scheme(model) -> Finding:

@@ -23,7 +23,20 @@ class LayerNorms:
     q, k, v:      per-head norms after the QKV projection, before RoPE (``self_attention.*_layernorm``)
     pre_mlp:      N(y) feeds the FFN                                    (``pre_mlp_layernorm``)
     pre_mlp_is_residual: the FFN residual is N(y) itself, not y (Post-Norm; HybridNorm's FFN)
-    post_mlp:     N on the layer output                                 (``post_mlp_layernorm``)
+    post_mlp:     N on the layer output, after the FFN's residual add   (``post_mlp_layernorm``)
+    attn_output:  N on the attention output, before its residual add    (``self_attn_output_layernorm``)
+    mlp_output:   N on the FFN output, before its residual add          (``mlp_output_layernorm``)
+    depth_scaled: the input and pre-MLP norm outputs times 1/sqrt(l), l the 1-based block
+                  (LayerNorm Scaling)
+    deepnorm:     both residuals times alpha = (2 L)^(1/4) before their add, L the number of
+                  blocks, and DeepNet's init (``transformer/deepnorm.py``)
+
+    The two output norms are Gemma 2's ``post_attention_layernorm`` and
+    ``post_feedforward_layernorm`` (Megatron-Bridge's Gemma puts them in ``linear_proj`` and
+    ``linear_fc2``). They are not called ``post_*``: ``post_mlp_layernorm`` already names the
+    norm after the add, and keeps that name and meaning, so checkpoints of earlier releases load
+    unchanged; the new names say that they normalize the sublayer's output, as ``self_attn_bda``
+    and ``mlp_bda`` name the add that follows.
     """
 
     input: bool = False
@@ -34,12 +47,19 @@ class LayerNorms:
     pre_mlp: bool = False
     pre_mlp_is_residual: bool = False
     post_mlp: bool = False
+    attn_output: bool = False
+    mlp_output: bool = False
+    depth_scaled: bool = False
+    deepnorm: bool = False
 
     def __post_init__(self):
         if self.pre_mlp_is_residual and not self.pre_mlp:
             raise ValueError("pre_mlp_is_residual needs pre_mlp")
         if self.input_is_residual and not self.input:
             raise ValueError("input_is_residual needs input")
+        if self.depth_scaled and (self.input_is_residual or self.pre_mlp_is_residual):
+            raise ValueError("depth_scaled scales the norms that feed a sublayer; a norm whose "
+                             "output is the residual is not one")
 
     @property
     def has_head_norms(self) -> bool:
@@ -55,6 +75,11 @@ POST_NORM_OFFICIAL = LayerNorms(input=True, input_is_residual=True, pre_mlp=True
 PRE_NORM_QK = replace(PRE_NORM, q=True, k=True)
 HYBRID = LayerNorms(q=True, k=True, v=True, pre_mlp=True, pre_mlp_is_residual=True)
 HYBRID_FIRST = replace(PRE_NORM, q=True, k=True, v=True)
+PERI_NORM = LayerNorms(input=True, attn_output=True, pre_mlp=True, mlp_output=True)
+# OLMo 2: no norm feeds a sublayer; each sublayer's output is normed before its add
+REORDERED = LayerNorms(q=True, k=True, attn_output=True, mlp_output=True)
+PRE_NORM_SCALED = replace(PRE_NORM, depth_scaled=True)
+DEEP_NORM = replace(POST_NORM, deepnorm=True)
 
 
 @dataclass(frozen=True)
@@ -73,6 +98,7 @@ class Scheme:
     attention: str = ""  # the README table's equations
     ffn: str = ""
     form: str = ""  # whose form this is, and where it differs from the others
+    qkv_norm: str = "head"  # the default span of its Q/K/V norms ("full": over all heads)
 
     @property
     def has_head_norms(self) -> bool:
@@ -85,7 +111,7 @@ class Scheme:
         residual ``te_ffn_norm``)."""
         known = {}
         if self.has_head_norms:
-            known["qkv_norm"] = "head"
+            known["qkv_norm"] = self.qkv_norm
         if self.head_fraction is not None:
             known["mixln_fraction"] = self.head_fraction
         if any(lay is not None and lay.pre_mlp_is_residual for lay in (self.body, self.head)):
@@ -164,6 +190,43 @@ SCHEME_TABLE: dict[str, Scheme] = {
             summary="HybridNorm; global layer 0 is Pre-Norm and keeps its Q/K/V norms",
             attention="HybridNorm, but global layer 0 is Pre-Norm in both sublayers and keeps "
                       "Nq, Nk, Nv", form=_PAPER,
+        ),
+        # the baselines teams compare against; each in its own source's form
+        Scheme(
+            "periln",
+            PERI_NORM,
+            summary="Peri-LN: y = x + N(Attn(N(x))); out = y + N(FFN(N(y)))",
+            attention="y = x + N(Attn(N(x)))", ffn="out = y + N(FFN(N(y)))",
+            form="Peri-LN (Kim et al. 2025, arXiv 2502.02732), the sandwich of Gemma 2 and 3: "
+                 "a norm on each sublayer's input and output; no embedding norm",
+        ),
+        Scheme(
+            "olmo2",
+            REORDERED,
+            qkv_norm="full",
+            summary="OLMo 2: y = x + N(Attn(x)), q and k normed over all heads; out = y + N(FFN(y))",
+            attention="y = x + N(Attn(x)), Nq and Nk over the whole projection",
+            ffn="out = y + N(FFN(y))",
+            form="OLMo 2's reordered norm (OLMo 2 report, arXiv 2501.00656): no norm on a "
+                 "sublayer's input; qkv_norm=\"full\" by default (\"head\" on request)",
+        ),
+        Scheme(
+            "prenorm_lns",
+            PRE_NORM_SCALED,
+            summary="LayerNorm Scaling: y = x + Attn(N(x) / sqrt(l)); out = y + FFN(N(y) / sqrt(l))",
+            attention="y = x + Attn(N(x) / sqrt(l)), l the 1-based layer",
+            ffn="out = y + FFN(N(y) / sqrt(l))",
+            form="LayerNorm Scaling (Sun et al. 2025, \"The Curse of Depth\", arXiv 2502.05795): "
+                 "Pre-Norm, each sublayer's norm output scaled by its layer's depth",
+        ),
+        Scheme(
+            "deepnorm",
+            DEEP_NORM,
+            summary="DeepNorm: y = N(a x + Attn(x)); out = N(a y + FFN(y)), a = (2L)^(1/4)",
+            attention="y = N(a x + Attn(x)), a = (2L)^(1/4)", ffn="out = N(a y + FFN(y))",
+            form="DeepNorm (Wang et al. 2022, DeepNet, arXiv 2203.00555), decoder-only: "
+                 "textbook Post-Norm with the residual scaled by a; the value, output and FFN "
+                 "weights drawn times b = (8L)^(-1/4)",
         ),
     )
 }

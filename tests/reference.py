@@ -116,6 +116,20 @@ def block(scheme: str, i: int, x, p, cfg: RefConfig):
     if scheme == "hybridnorm_first":
         y = x + attention(N(x, "input_layernorm"), p, pre, cfg, qk_norm=True, v_norm=True)
         return y + ffn(N(y, "pre_mlp_layernorm"), p, pre)
+    if scheme == "periln":  # Peri-LN: a norm on each sublayer's input and output
+        y = x + N(attention(N(x, "input_layernorm"), p, pre, cfg), "self_attn_output_layernorm")
+        return y + N(ffn(N(y, "pre_mlp_layernorm"), p, pre), "mlp_output_layernorm")
+    if scheme == "olmo2":  # reordered: x + N(F(x)); Q/K norms (over all heads by default)
+        y = x + N(attention(x, p, pre, cfg, qk_norm=True), "self_attn_output_layernorm")
+        return y + N(ffn(y, p, pre), "mlp_output_layernorm")
+    if scheme == "prenorm_lns":  # LayerNorm Scaling: each norm output / sqrt(layer, from 1)
+        d = math.sqrt(i + 1)
+        y = x + attention(N(x, "input_layernorm") / d, p, pre, cfg)
+        return y + ffn(N(y, "pre_mlp_layernorm") / d, p, pre)
+    if scheme == "deepnorm":  # N(alpha x + F(x)), alpha = (2 L)^(1/4)
+        a = (2 * cfg.layers) ** 0.25
+        y = N(a * x + attention(x, p, pre, cfg), "pre_mlp_layernorm")
+        return N(a * y + ffn(y, p, pre), "post_mlp_layernorm")
     raise ValueError(scheme)
 
 

@@ -34,7 +34,8 @@ def hybrid_name(gpt_name: str) -> str:
     m = re.match(r"decoder\.layers\.(\d+)\.(.*)", gpt_name)
     if m:
         i, rest = int(m.group(1)), m.group(2)
-        attention = rest.startswith(("self_attention.", "input_layernorm."))
+        attention = rest.startswith(("self_attention.", "input_layernorm.",
+                                     "self_attn_output_layernorm."))
         return f"decoder.layers.{2 * i + (0 if attention else 1)}.{rest}"
     return gpt_name.replace("decoder.final_layernorm.", "decoder.final_norm.")
 
@@ -227,6 +228,7 @@ def test_te_pattern_layers_are_the_te_gpt_layers_halves(monkeypatch, scheme, moe
     """On Transformer Engine (its classes are megatron-core's stand-ins where TE is missing):
     each '*' layer holds the TE GPT layer's attention slots, each '-'/'E' layer its FFN slots
     (pre-norms fused into the next linear alike), and the final norm is TE's."""
+    from test_specs import kind
     from test_te_spec import te_slots
 
     monkeypatch.setattr(gpt_specs, "HAVE_TE", True)
@@ -241,13 +243,15 @@ def test_te_pattern_layers_are_the_te_gpt_layers_halves(monkeypatch, scheme, moe
         att, ffn = hyb[2 * i].submodules, hyb[2 * i + 1].submodules
         a = att.self_attention.submodules
         assert dict(input=att.input_layernorm, qkv=a.linear_qkv, core=a.core_attention,
-                    proj=a.linear_proj, q=a.q_layernorm, k=a.k_layernorm, v=a.v_layernorm) == {
-            k: want[k] for k in ("input", "qkv", "core", "proj", "q", "k", "v")}, (scheme, i)
+                    proj=a.linear_proj, q=kind(a.q_layernorm), k=kind(a.k_layernorm),
+                    v=kind(a.v_layernorm), attn_out=att.self_attn_output_layernorm) == {
+            k: want[k] for k in ("input", "qkv", "core", "proj", "q", "k", "v", "attn_out")
+        }, (scheme, i)
         fc = ffn.mlp
         fc = (fc.keywords["submodules"].linear_fc1, fc.keywords["submodules"].linear_fc2) \
             if not moe else ("moe",)
-        assert (ffn.pre_mlp_layernorm, fc, ffn.post_mlp_layernorm) == (
-            want["pre_mlp"], want["fc"], want["post_mlp"]), (scheme, i)
+        assert (ffn.pre_mlp_layernorm, fc, ffn.mlp_output_layernorm, ffn.post_mlp_layernorm) == (
+            want["pre_mlp"], want["fc"], want["mlp_out"], want["post_mlp"]), (scheme, i)
         keys = {**att.sharded_state_dict_keys_map, **ffn.sharded_state_dict_keys_map}
         assert keys == spec.submodules.sharded_state_dict_keys_map
     stack = get_hybrid_stack_spec(tiny_config(num_layers=2 * L, **extra), scheme, pattern,
@@ -476,12 +480,13 @@ def test_pretrain_hybrid_without_te_names_the_flag(megatron_single_rank, megatro
 # ---- parallel HybridModel against one rank (gloo) -----------------------------------------
 
 L8 = {"num_layers": 8}
-SCHEMES_TP = ("hybridnorm", "hybridnorm_star", "mixln", "postnorm_official")
+SCHEMES_TP = ("hybridnorm", "hybridnorm_star", "mixln", "postnorm_official", "periln",
+              "deepnorm")
 TP_SP = [dict(scheme=s, pattern="*-" * 4, config=L8, microbatches=2, sp=True) for s in SCHEMES_TP]
 PP = [dict(scheme=s, pattern=p, config=L8, microbatches=4)
       for s, p in (("hybridnorm", "*-*-|*-*-"), ("hybridnorm_star", "*-*-|*-*-"),
                    ("hybridnorm_star", "*|-*-*-*-"), ("mixln", "*-*-*-|*-"),
-                   ("hybridnorm_star", "*-*E|*E*E"))]
+                   ("hybridnorm_star", "*-*E|*E*E"), ("prenorm_lns", "*-*|-*-*-"))]
 for c in PP:
     if "E" in c["pattern"]:  # MoE layers: the same slots as dense ones
         c["config"] = {**L8, **MOE, "moe_layer_freq": 1}
@@ -513,11 +518,14 @@ def test_hybrid_tp2_sp_matches_one_rank(parallel_runs, i):
     assert_same_training(parallel_runs["one"][id(TP_SP[i])], [r[i] for r in parallel_runs["tp2"]])
 
 
-# what each global layer's norm slots hold: (input, q, k, v, pre-MLP, post-MLP)
+# what each global layer's norm slots hold: (input, q, k, v, attention output, pre-MLP, FFN
+# output, post-MLP, depth scale)
 N, P, H, I = "Norm", "PostNorm", "HeadNorm", "IdentityOp"
-ATT = {"hybridnorm": (I, H, H, H, I, I), "first": (N, H, H, H, I, I)}
-FFN = {"hybridnorm": (I, None, None, None, P, I), "first": (I, None, None, None, N, I),
-       "post": (I, None, None, None, P, N), "pre": (I, None, None, None, N, I)}
+ATT = {"hybridnorm": (I, H, H, H, I, I, I, I, None), "first": (N, H, H, H, I, I, I, I, None)}
+FFN = {"hybridnorm": (I, None, None, None, I, P, I, I, None),
+       "first": (I, None, None, None, I, N, I, I, None),
+       "post": (I, None, None, None, I, P, I, N, None),
+       "pre": (I, None, None, None, I, N, I, I, None)}
 
 
 @pytest.mark.slow
@@ -534,8 +542,11 @@ def test_hybrid_pp2_matches_one_rank_with_special_blocks_global(parallel_runs, i
     if case["scheme"] == "hybridnorm_star":
         want = [ATT["first"], FFN["first"]] + [ATT["hybridnorm"], FFN["hybridnorm"]] * 3
     elif case["scheme"] == "mixln":  # 4 blocks: the first Post-Norm
-        want = [(I, None, None, None, I, I), FFN["post"]] + [(N, None, None, None, I, I),
-                                                             FFN["pre"]] * 3
+        want = [(I, None, None, None, I, I, I, I, None), FFN["post"]] + [
+            (N, None, None, None, I, I, I, I, None), FFN["pre"]] * 3
+    elif case["scheme"] == "prenorm_lns":  # block b's two layers scale by 1/sqrt(b + 1)
+        want = [lay[:-1] + (round(1 / (b + 1) ** 0.5, 6),) for b in range(4)
+                for lay in ((N, None, None, None, I, I, I, I), FFN["pre"])]
     else:
         want = [ATT["hybridnorm"], FFN["hybridnorm"]] * 4
     assert [slots[k] for k in range(8)] == want

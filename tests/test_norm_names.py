@@ -48,7 +48,7 @@ def test_every_norm_of_a_built_model_is_named_a_norm(megatron_single_rank, schem
             for pname, _ in module.named_parameters(prefix=name):
                 assert is_norm_parameter(pname), pname
     for name, _ in model.named_parameters():
-        if "linear" in name or "embedding" in name or "output_layer" in name:
+        if "linear" in name or "embedding" in name or name.startswith("output_layer."):
             assert not is_norm_parameter(name), name
 
 

@@ -101,11 +101,12 @@ def test_tp2_sp_x_dp2_distributed_optimizer_matches_one_rank(runs, i):
     assert all(r["norms_identical_dp"] for r in ranks)  # and across data-parallel ranks
 
 
-# what sits in each global layer's norm slots, written out from the equations
+# what sits in each global layer's norm slots (input, q, k, v, attention output, pre-MLP, FFN
+# output, post-MLP) and its depth scale, written out from the equations
 N, P, H, F, I = "Norm", "PostNorm", "HeadNorm", "FullWidthNorm", "IdentityOp"
-PRE, POST = (N, None, None, None, N, I), (I, None, None, None, P, N)
-POST_OFFICIAL = (P, None, None, None, P, I)
-HYB, HYB0 = (I, H, H, H, P, I), (N, H, H, H, N, I)
+PRE, POST = (N, None, None, None, I, N, I, I, None), (I, None, None, None, I, P, I, N, None)
+POST_OFFICIAL = (P, None, None, None, I, P, I, I, None)
+HYB, HYB0 = (I, H, H, H, I, P, I, I, None), (N, H, H, H, I, N, I, I, None)
 
 
 def expected_slots(case):
@@ -114,11 +115,16 @@ def expected_slots(case):
         "prenorm": [PRE] * n,
         "postnorm": [POST] * n,
         "postnorm_official": [POST_OFFICIAL] * n,
-        "prenorm_qknorm": [(N, H, H, None, N, I)] * n,
+        "prenorm_qknorm": [(N, H, H, None, I, N, I, I, None)] * n,
         "mixln": [POST] * (n // 4) + [PRE] * (n - n // 4),
         "mixln_official": [POST_OFFICIAL] * (n // 4) + [PRE] * (n - n // 4),
         "hybridnorm": [HYB] * n,
         "hybridnorm_star": [HYB0] + [HYB] * (n - 1),
+        "periln": [(N, None, None, None, N, N, N, I, None)] * n,
+        "olmo2": [(I, F, F, None, N, I, N, I, None)] * n,
+        # 1/sqrt(l) by the global layer l, whatever stage builds it
+        "prenorm_lns": [PRE[:-1] + (round(1 / (layer + 1) ** 0.5, 6),) for layer in range(n)],
+        "deepnorm": [POST] * n,
     }[case["scheme"]]
 
 

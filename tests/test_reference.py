@@ -26,6 +26,7 @@ def compare_to_reference(model, scheme, config, ref_scheme=None, **ref_options):
         loss.sum().backward()
     tokens, labels = tokens.cpu(), labels.cpu()
 
+    ref_options.setdefault("qkv_norm", mh.get_scheme(ref_scheme or scheme).qkv_norm)
     params = {n: p.detach().double().cpu().requires_grad_(True)
               for n, p in model.named_parameters()}
     rcfg = reference.RefConfig(
@@ -50,7 +51,9 @@ def compare_to_reference(model, scheme, config, ref_scheme=None, **ref_options):
     return max(errs.values()), errs
 
 
-CASES = [(s, "head", "RMSNorm") for s in mh.SCHEMES] + [
+CASES = [(s, mh.get_scheme(s).qkv_norm, "RMSNorm") for s in mh.SCHEMES] + [
+    ("olmo2", "head", "RMSNorm"),
+    ("periln", "head", "LayerNorm"),
     ("hybridnorm", "full", "RMSNorm"),
     ("hybridnorm_star", "full", "RMSNorm"),
     ("hybridnorm", "head", "LayerNorm"),
@@ -62,7 +65,7 @@ CASES = [(s, "head", "RMSNorm") for s in mh.SCHEMES] + [
 def test_matches_reference(megatron_single_rank, scheme, qkv_norm, normalization):
     torch.manual_seed(0)
     config = tiny_config(normalization=normalization)
-    options = {"qkv_norm": qkv_norm} if qkv_norm != "head" else {}
+    options = {"qkv_norm": qkv_norm} if mh.get_scheme(scheme).has_head_norms else {}
     model = build_gpt(config, scheme, **options)
     randomize_norms(model)
     worst, errs = compare_to_reference(model, scheme, config, qkv_norm=qkv_norm)
@@ -167,3 +170,19 @@ def test_official_post_norm_is_the_textbook_one_inside(megatron_single_rank):
     for i in range(cfg.num_layers - 1):
         assert rel_err(outputs[i], inputs[i + 1]) < 1e-6, i
     assert rel_err(inputs[0], x) > 0.1  # the official embedding norm is a real norm
+
+
+@pytest.mark.parametrize("scheme,look_alike,qkv_norm", [
+    ("prenorm_lns", "prenorm", None), ("deepnorm", "postnorm", None),
+    ("periln", "prenorm", None)])
+def test_negative_control_baselines_differ_from_their_look_alikes(megatron_single_rank, scheme,
+                                                                   look_alike, qkv_norm):
+    """The depth scale, DeepNorm's alpha and the output norms change the result: each fails
+    against the reference of what it would be without them."""
+    torch.manual_seed(0)
+    config = tiny_config()
+    model = build_gpt(config, scheme)
+    randomize_norms(model)
+    worst, _ = compare_to_reference(model, scheme, config, ref_scheme=look_alike,
+                                    qkv_norm=qkv_norm or mh.get_scheme(scheme).qkv_norm)
+    assert worst > 1e-2

@@ -9,13 +9,17 @@ from megatron.core.transformer.identity_op import IdentityOp
 from helpers import build_gpt, tiny_config
 
 I, H, N, P = IdentityOp, HeadNorm, Norm, PostNorm
-# slot classes: input, q, k, v, pre_mlp, post_mlp -- written out per scheme from the equations
-PRE = (N, None, None, None, N, I)
-POST = (I, None, None, None, P, N)
-PRE_QK = (N, H, H, None, N, I)
-HYB = (I, H, H, H, P, I)
-HYB_FIRST = (N, H, H, H, N, I)
-POST_OFFICIAL = (P, None, None, None, P, I)  # input and pre-MLP norms are also the residuals
+# slot classes: input, q, k, v, attention output, pre_mlp, FFN output, post_mlp -- written out
+# per scheme from the equations
+PRE = (N, None, None, None, I, N, I, I)
+POST = (I, None, None, None, I, P, I, N)
+PRE_QK = (N, H, H, None, I, N, I, I)
+HYB = (I, H, H, H, I, P, I, I)
+HYB_FIRST = (N, H, H, H, I, N, I, I)
+POST_OFFICIAL = (P, None, None, None, I, P, I, I)  # input and pre-MLP norms are also the residuals
+PERI = (N, None, None, None, N, N, N, I)  # a norm on each sublayer's input and output
+F = FullWidthNorm
+REORDERED = (I, F, F, None, N, I, N, I)  # OLMo 2: output norms only, Q/K over all heads
 EXPECTED = {
     "prenorm": [PRE] * 4,
     "postnorm": [POST] * 4,
@@ -25,19 +29,30 @@ EXPECTED = {
     "mixln_official": [POST_OFFICIAL, PRE, PRE, PRE],
     "hybridnorm": [HYB] * 4,
     "hybridnorm_star": [HYB_FIRST, HYB, HYB, HYB],
+    "periln": [PERI] * 4,
+    "olmo2": [REORDERED] * 4,
+    "prenorm_lns": [PRE] * 4,  # the same slots; the layer scales them (test_reference)
+    "deepnorm": [POST] * 4,  # the same slots; the layer scales the residual (test_reference)
 }
+
+
+def kind(builder):
+    """A slot's class (FullWidthNorm comes as a partial)."""
+    return getattr(builder, "func", builder)
 
 
 def slots(layer_spec):
     sub = layer_spec.submodules
     att = sub.self_attention.submodules
-    return (sub.input_layernorm, att.q_layernorm, att.k_layernorm, att.v_layernorm,
-            sub.pre_mlp_layernorm, sub.post_mlp_layernorm)
+    return (sub.input_layernorm, kind(att.q_layernorm), kind(att.k_layernorm),
+            kind(att.v_layernorm), sub.self_attn_output_layernorm, sub.pre_mlp_layernorm,
+            sub.mlp_output_layernorm, sub.post_mlp_layernorm)
 
 
 def test_scheme_names():
     assert mh.SCHEMES == ("prenorm", "postnorm", "postnorm_official", "prenorm_qknorm", "mixln",
-                          "mixln_official", "hybridnorm", "hybridnorm_star")
+                          "mixln_official", "hybridnorm", "hybridnorm_star", "periln", "olmo2",
+                          "prenorm_lns", "deepnorm")
 
 
 @pytest.mark.parametrize("scheme", mh.SCHEMES)
@@ -49,7 +64,8 @@ def test_block_spec_places_every_norm(scheme):
 
 def test_full_qkv_norm_spec():
     block = mh.get_decoder_block_spec(tiny_config(), "hybridnorm", qkv_norm="full")
-    q, k, v = slots(block.layer_specs[0])[1:4]
+    att = block.layer_specs[0].submodules.self_attention.submodules
+    q, k, v = att.q_layernorm, att.k_layernorm, att.v_layernorm
     assert q.func is FullWidthNorm and q.keywords == {"spans": "query"}
     assert k.func is v.func is FullWidthNorm and k.keywords == v.keywords == {"spans": "kv"}
 

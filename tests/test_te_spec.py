@@ -17,7 +17,7 @@ from megatron.core.extensions import transformer_engine as te_ext
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from helpers import tiny_config
-from test_specs import EXPECTED
+from test_specs import EXPECTED, kind
 
 
 @pytest.fixture
@@ -33,13 +33,23 @@ def te_slots(layer_spec):
     fc = (mlp.keywords["submodules"].linear_fc1, mlp.keywords["submodules"].linear_fc2) \
         if mlp.func is not MoELayer else ("moe",)
     return dict(input=sub.input_layernorm, qkv=att.linear_qkv, core=att.core_attention,
-                proj=att.linear_proj, q=att.q_layernorm, k=att.k_layernorm, v=att.v_layernorm,
-                pre_mlp=sub.pre_mlp_layernorm, fc=fc, post_mlp=sub.post_mlp_layernorm)
+                proj=att.linear_proj, q=kind(att.q_layernorm), k=kind(att.k_layernorm),
+                v=kind(att.v_layernorm),
+                attn_out=sub.self_attn_output_layernorm, pre_mlp=sub.pre_mlp_layernorm, fc=fc,
+                mlp_out=sub.mlp_output_layernorm, post_mlp=sub.post_mlp_layernorm)
 
 
-def expected_te(local_slots, moe: bool):
-    """The TE layout implied by the local one: pre-norms fused into the next linear."""
-    inp, q, k, v, pre, post = local_slots
+def expected_te(local_slots, moe: bool, depth_scaled: bool = False):
+    """The TE layout implied by the local one: pre-norms fused into the next linear, except
+    LayerNorm Scaling's, which stay this package's norms (TE's fused norm cannot scale)."""
+    inp, q, k, v, attn_out, pre, mlp_out, post = local_slots
+    te_norm = lambda slot: InterchangeableTENorm if slot is Norm else IdentityOp  # noqa: E731
+    if depth_scaled:
+        return dict(input=inp, qkv=te_ext.TEColumnParallelLinear, core=te_ext.TEDotProductAttention,
+                    proj=te_ext.TERowParallelLinear, q=q, k=k, v=v, attn_out=te_norm(attn_out),
+                    pre_mlp=pre, fc=("moe",) if moe else (te_ext.TEColumnParallelLinear,
+                                                          te_ext.TERowParallelLinear),
+                    mlp_out=te_norm(mlp_out), post_mlp=te_norm(post))
     if inp is PostNorm:  # its output is also the residual: not fused into the QKV linear
         inp_te, qkv = TEPostNorm, te_ext.TEColumnParallelLinear
     else:
@@ -58,9 +68,9 @@ def expected_te(local_slots, moe: bool):
         input=inp_te,
         qkv=qkv,
         core=te_ext.TEDotProductAttention, proj=te_ext.TERowParallelLinear,
-        q=q, k=k, v=v, pre_mlp=pre_te,
+        q=q, k=k, v=v, attn_out=te_norm(attn_out), pre_mlp=pre_te,
         fc=("moe",) if moe else (fc1, te_ext.TERowParallelLinear),
-        post_mlp=InterchangeableTENorm if post is Norm else IdentityOp,
+        mlp_out=te_norm(mlp_out), post_mlp=te_norm(post),
     )
 
 
@@ -70,9 +80,13 @@ def test_te_spec_places_every_module(te_available, scheme, moe):
     cfg = tiny_config(num_moe_experts=4 if moe else None, moe_router_topk=2 if moe else 2)
     block = mh.get_decoder_block_spec(cfg, scheme, use_transformer_engine=True)
     assert block.layer_norm is InterchangeableTENorm
+    scaled = mh.get_scheme(scheme).body.depth_scaled
     for got, local in zip(block.layer_specs, EXPECTED[scheme]):
-        assert te_slots(got) == expected_te(local, moe)
-        assert got.submodules.sharded_state_dict_keys_map == {}  # TE names already
+        assert te_slots(got) == expected_te(local, moe, scaled)
+        # TE names already; LayerNorm Scaling's separate norms are stored under them
+        assert got.submodules.sharded_state_dict_keys_map == ({} if not scaled else {
+            "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+            **({} if moe else {"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"})})
 
 
 def test_te_spec_mixed_dense_and_moe_layers(te_available):

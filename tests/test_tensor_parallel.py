@@ -28,6 +28,14 @@ CASES = [
     dict(scheme="postnorm", sp=True),
     dict(scheme="postnorm_official", sp=True),
     dict(scheme="mixln_official", sp=True),
+    # the baselines: output norms (residual-stream, SP-marked), OLMo 2's full-width Q/K norms
+    # (and per head), LayerNorm Scaling, DeepNorm's scaled residual and init
+    dict(scheme="periln", sp=False),
+    dict(scheme="periln", sp=True),
+    dict(scheme="olmo2", sp=True),
+    dict(scheme="olmo2", qkv_norm="head", sp=True),
+    dict(scheme="prenorm_lns", sp=True),
+    dict(scheme="deepnorm", sp=True),
     # negative control: a V norm without TP handling must be caught
     dict(scheme="hybridnorm", qkv_norm="head", sp=False, fault="v_norm_tp"),
 ]

@@ -35,13 +35,16 @@ def _identical(tensor, group) -> bool:
 
 
 def layer_slots(layer) -> tuple:
-    """What actually sits in a built layer's norm slots (class names; None where absent)."""
+    """What actually sits in a built layer's norm slots (class names; None where absent), and
+    LayerNorm Scaling's depth scale (None without)."""
     att = getattr(layer, "self_attention", None)  # an FFN-only layer of a HybridModel: Identity
     name = lambda m: None if m is None else type(m).__name__  # noqa: E731
     slot = lambda m, n: name(getattr(m, n, None))  # noqa: E731
+    scale = getattr(layer, "depth_scale", None)
     return (slot(layer, "input_layernorm"), slot(att, "q_layernorm"), slot(att, "k_layernorm"),
-            slot(att, "v_layernorm"), slot(layer, "pre_mlp_layernorm"),
-            slot(layer, "post_mlp_layernorm"))
+            slot(att, "v_layernorm"), slot(layer, "self_attn_output_layernorm"),
+            slot(layer, "pre_mlp_layernorm"), slot(layer, "mlp_output_layernorm"),
+            slot(layer, "post_mlp_layernorm"), None if scale is None else round(float(scale), 6))
 
 
 def build_chunks(config, case):
@@ -50,7 +53,7 @@ def build_chunks(config, case):
     from megatron.core import parallel_state as ps
 
     vpp = config.virtual_pipeline_model_parallel_size
-    options = {"qkv_norm": case["qkv_norm"]} if case.get("qkv_norm", "head") != "head" else {}
+    options = {"qkv_norm": case["qkv_norm"]} if "qkv_norm" in case else {}
     options.update(faults.build_options(case))
     chunks = []
     for vp in range(vpp or 1):

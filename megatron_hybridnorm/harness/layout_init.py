@@ -58,6 +58,11 @@ def layout_invariant_init(model, config, seed: int) -> None:
                 tp = parallel_state.get_tensor_model_parallel_world_size()
                 rank = parallel_state.get_tensor_model_parallel_rank()
             _draw(p, key, config, seed, tp, rank)
+        for layer in model.decoder.layers:  # DeepNorm's init scales what was drawn
+            if getattr(layer, "deepnorm_blocks", None) is not None:
+                from megatron_hybridnorm.transformer.deepnorm import deepnorm_init
+
+                deepnorm_init(layer, layer.deepnorm_blocks)
 
 
 def _draw(p, name: str, config, seed: int, tp: int, rank: int) -> None:

@@ -101,6 +101,14 @@ def _refuse_unexpected_model_keys(folder: Path, sharded: dict) -> None:
                           "not exported")
 
 
+def _derived(key: str) -> bool:
+    """What each side rebuilds from the layout and is not exported: the layers' saved norm
+    layout and the scale buffers of LayerNorm Scaling and DeepNorm."""
+    from megatron_hybridnorm.inspect import DEPTH_SCALE, RESIDUAL_SCALE
+
+    return key.endswith(("_extra_state", f".{DEPTH_SCALE}", f".{RESIDUAL_SCALE}"))
+
+
 def export(checkpoint, out) -> Path:
     """Write the Hugging Face folder ``out`` for a Megatron checkpoint; returns ``out``."""
     from safetensors.torch import save_file
@@ -111,7 +119,7 @@ def export(checkpoint, out) -> Path:
     arch, args, run = architecture_of(folder)
     model = load_megatron(folder, arch)
     state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()
-             if not k.endswith("_extra_state")}
+             if not _derived(k)}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -151,7 +159,7 @@ def import_hf(folder, out) -> Path:
     model = arch.megatron_model()
     weights = load_file(str(Path(folder) / "model.safetensors"))
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
+    missing = [k for k in missing if not _derived(k)]
     if missing or unexpected:
         raise ExportError(f"{folder} does not fit a {arch.scheme} model: missing {missing}, "
                           f"unexpected {unexpected}")

@@ -15,7 +15,10 @@ zero-centered):
     FFN input        m = N_pre(y) if the layout has a pre-MLP norm, else y
     FFN residual     s = m if that norm's output is the residual, else y
     out = s + FFN(m), then N_post(out) if the layout has a post-MLP norm
-and a final norm before the LM head.
+and a final norm before the LM head. Where the layout says so: each sublayer's output is normed
+before its add (``attn_output``, ``mlp_output``: Peri-LN, OLMo 2), a and m are scaled by
+1/sqrt(l), l the 1-based layer (``depth_scaled``: LayerNorm Scaling), and both residuals are
+scaled by (2 L)^(1/4) before their add (``deepnorm``).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 LAYOUT_KEYS = ("input", "input_is_residual", "q", "k", "v", "pre_mlp", "pre_mlp_is_residual",
-               "post_mlp")
+               "post_mlp", "attn_output", "mlp_output", "depth_scaled", "deepnorm")
 
 
 class HybridNormConfig(PretrainedConfig):
@@ -186,20 +189,32 @@ class Layer(nn.Module):
             raise ValueError(f"layer {layer_idx}: unknown norm slots {sorted(unknown)}")
         self.layout = layout
         h = config.hidden_size
-        self.input_layernorm = Norm(h, config) if layout.get("input") else None
+        norm = lambda key: Norm(h, config) if layout.get(key) else None  # noqa: E731
+        self.input_layernorm = norm("input")
         self.self_attention = Attention(config, layout, layer_idx)
-        self.pre_mlp_layernorm = Norm(h, config) if layout.get("pre_mlp") else None
+        self.self_attn_output_layernorm = norm("attn_output")
+        self.pre_mlp_layernorm = norm("pre_mlp")
         self.mlp = MLP(config)
-        self.post_mlp_layernorm = Norm(h, config) if layout.get("post_mlp") else None
+        self.mlp_output_layernorm = norm("mlp_output")
+        self.post_mlp_layernorm = norm("post_mlp")
+        self.feed_scale = 1 / math.sqrt(layer_idx + 1) if layout.get("depth_scaled") else 1.0
+        self.alpha = (2 * config.num_hidden_layers) ** 0.25 if layout.get("deepnorm") else 1.0
+
+    @staticmethod
+    def _maybe(norm, t):
+        return t if norm is None else norm(t)
 
     def forward(self, x, positions, mask, cache):
-        a = x if self.input_layernorm is None else self.input_layernorm(x)
+        a = self._maybe(self.input_layernorm, x)
         residual = a if self.layout.get("input_is_residual") else x
-        y = residual + self.self_attention(a, positions, mask, cache)
-        m = y if self.pre_mlp_layernorm is None else self.pre_mlp_layernorm(y)
+        attn = self.self_attention(a * self.feed_scale if self.input_layernorm is not None else a,
+                                   positions, mask, cache)
+        y = self.alpha * residual + self._maybe(self.self_attn_output_layernorm, attn)
+        m = self._maybe(self.pre_mlp_layernorm, y)
         residual = m if self.layout.get("pre_mlp_is_residual") else y
-        out = residual + self.mlp(m)
-        return out if self.post_mlp_layernorm is None else self.post_mlp_layernorm(out)
+        ffn = self.mlp(m * self.feed_scale if self.pre_mlp_layernorm is not None else m)
+        out = self.alpha * residual + self._maybe(self.mlp_output_layernorm, ffn)
+        return self._maybe(self.post_mlp_layernorm, out)
 
 
 class Embedding(nn.Module):

@@ -24,6 +24,8 @@ class Norm(NormBase):
             p.sequence_parallel = config.sequence_parallel
         self.reports_itself = True  # which kernel it ran; a layer clears this for its norms
 
+    output_scale: float | None = None
+
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
                 x_bias: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
         """N(x); with ``residual``, N(residual + dropout(x + x_bias)): the bias-dropout-add of
@@ -36,6 +38,8 @@ class Norm(NormBase):
             record(self, f"{impl} add + norm ({why})")
             out = add_normalize(residual, x, x_bias, self.weight, self.bias, self.eps, self.kind,
                                 self.zero_centered_gamma, dropout_p, impl)
+        if self.output_scale is not None:  # LayerNorm Scaling's 1/sqrt(l), set by the layer
+            out = out * self.output_scale
         if self.reports_itself:
             self.reports_itself = False
             report(f"a norm outside the layers ({self.kind}, width {self.weight.shape[0]})", self)

@@ -1,5 +1,7 @@
-"""Megatron's TransformerLayer plus a norm on the layer output (Post-Norm's second norm), with
-the residual add fused into the norm that follows it.
+"""Megatron's TransformerLayer plus the norms Megatron's lacks: one on the layer output (Post-Norm's
+second norm), one on each sublayer's output before its add (Peri-LN, OLMo 2), the depth scale
+of LayerNorm Scaling and DeepNorm's residual scale; with the residual add fused into the norm
+that follows it.
 
 Hand-overs between Megatron's steps, on each forward design (``compat.LAYER_HOOKS``):
 
@@ -23,8 +25,10 @@ steps and do not open a simpler form.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
+import torch
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.transformer_layer import (
     TransformerLayer,
@@ -46,7 +50,9 @@ class SchemeMismatchError(RuntimeError):
 
 @dataclass
 class HybridTransformerLayerSubmodules(TransformerLayerSubmodules):
-    post_mlp_layernorm: LayerNormBuilder = IdentityOp
+    self_attn_output_layernorm: LayerNormBuilder = IdentityOp  # N(Attn(.)) before its add
+    mlp_output_layernorm: LayerNormBuilder = IdentityOp  # N(FFN(.)) before its add
+    post_mlp_layernorm: LayerNormBuilder = IdentityOp  # N(y + FFN(.)), after the add
 
 
 class HybridTransformerLayer(TransformerLayer):
@@ -69,19 +75,47 @@ class HybridTransformerLayer(TransformerLayer):
         submodules: HybridTransformerLayerSubmodules,
         *args,
         norms: LayerNorms | None = None,
+        block: int | None = None,
+        num_blocks: int | None = None,
         **kwargs,
     ):
         super().__init__(config, submodules, *args, **kwargs)
         self.norms = norms
-        self.post_mlp_layernorm = submodules.post_mlp_layernorm(
-            config=self.config,
-            hidden_size=self.config.hidden_size,
-            eps=self.config.layernorm_epsilon,
-        )
+        for name in self._OWN_NORMS:
+            setattr(self, name, getattr(submodules, name)(
+                config=self.config,
+                hidden_size=self.config.hidden_size,
+                eps=self.config.layernorm_epsilon,
+            ))
         self._pending_add = None
         self._norm_residual = {}
+        # block: what LayerNorm Scaling's depth and DeepNorm's L count (a GPT layer is a block;
+        # a hybrid pattern's attention layer and the MLP after it are one)
+        block = self.layer_number - 1 if block is None else block
+        num_blocks = self.config.num_layers if num_blocks is None else num_blocks
+        self.residual_scale = None
+        if norms is not None and norms.deepnorm:
+            from megatron_hybridnorm.transformer.deepnorm import deepnorm_alpha, deepnorm_init
+
+            self.residual_scale = deepnorm_alpha(num_blocks)
+            self.deepnorm_blocks = num_blocks  # what harness.layout_init's redraw scales by
+            # saved with the layer, so that a checkpoint says it (inspect, the HF export)
+            self.register_buffer("residual_scale_factor", torch.tensor(self.residual_scale))
+            if self.config.perform_initialization:
+                deepnorm_init(self, num_blocks)
+        if norms is not None and norms.depth_scaled:
+            scale = 1.0 / math.sqrt(block + 1)
+            self.register_buffer("depth_scale", torch.tensor(scale))
+            for name in ("input_layernorm", "pre_mlp_layernorm"):
+                if isinstance(getattr(self, name), IdentityOp):
+                    continue
+                if not hasattr(getattr(self, name), "output_scale"):
+                    raise TypeError(f"{name} is {type(getattr(self, name)).__name__}, which "
+                                    "cannot scale its output (LayerNorm Scaling needs this "
+                                    "package's norm there)")
+                getattr(self, name).output_scale = scale
         tp_group = getattr(getattr(self, "pg_collection", None), "tp", None)
-        for name in ("input_layernorm", "pre_mlp_layernorm", "post_mlp_layernorm"):
+        for name in ("input_layernorm", "pre_mlp_layernorm") + self._OWN_NORMS:
             norm = getattr(self, name)
             if tp_group is not None and not isinstance(norm, IdentityOp):
                 norm.tp_group = tp_group  # this model's TP group (checkpoint replica ids)
@@ -95,12 +129,42 @@ class HybridTransformerLayer(TransformerLayer):
             and not isinstance(self.self_attention, IdentityOp))  # an FFN-only layer adds nothing
         if self._hands_over_attn_add and not compat.LAYER_HOOKS:
             self.self_attn_bda = self._hand_over_bda
+        self._changes_attn_add = (not isinstance(self.self_attn_output_layernorm, IdentityOp)
+                                  or self.residual_scale is not None)
+        if self._changes_attn_add and not isinstance(self.self_attention, IdentityOp):
+            self.self_attn_bda = self._into_attn_bda(self.self_attn_bda)
         if not compat.NORM_TUPLES:
             for name in ("input_layernorm", "pre_mlp_layernorm"):
                 if getattr(getattr(self, name), "returns_residual", False):
                     getattr(self, name).register_forward_hook(self._keep_norm_residual(name))
             if getattr(self.input_layernorm, "returns_residual", False):
                 self.self_attn_bda = self._attn_bda_with_norm_residual(self.self_attn_bda)
+
+    _OWN_NORMS = ("self_attn_output_layernorm", "mlp_output_layernorm", "post_mlp_layernorm")
+
+    # -- what a sublayer hands its residual add: N(out + bias), alpha * residual ----------------
+    def _into_add(self, out_with_bias, residual, output_norm):
+        """The sublayer output through its output norm (Peri-LN, OLMo 2), the residual times
+        DeepNorm's alpha; unchanged where the layer has neither."""
+        if not isinstance(output_norm, IdentityOp):
+            out, bias = out_with_bias
+            out_with_bias = (apply_module(output_norm)(out if bias is None else out + bias), None)
+        if self.residual_scale is not None:
+            residual = residual * self.residual_scale
+        return out_with_bias, residual
+
+    def _into_attn_bda(self, bda):
+        """Megatron's attention bias-dropout-add (or the hand-over) after ``_into_add``."""
+        def with_output_norm(training: bool, fused: bool):
+            inner = bda(training, fused)
+
+            def add(out_with_bias, residual, prob):
+                return inner(*self._into_add(out_with_bias, residual,
+                                             self.self_attn_output_layernorm), prob)
+
+            return add
+
+        return with_output_norm
 
     def _report_label(self) -> str:
         norms = self.norms
@@ -176,6 +240,8 @@ class HybridTransformerLayer(TransformerLayer):
         fc1 = getattr(self.mlp, "linear_fc1", None)
         if getattr(fc1, "keeps_norm_output", False):  # te_ffn_norm="in_linear": n is the residual
             residual = fc1.take_norm_output()
+        mlp_output_with_bias, residual = self._into_add(mlp_output_with_bias, residual,
+                                                        self.mlp_output_layernorm)
         norm = self.post_mlp_layernorm
         if isinstance(norm, IdentityOp):
             return megatron_post_mlp(mlp_output_with_bias, residual)
@@ -195,7 +261,9 @@ class HybridTransformerLayer(TransformerLayer):
                 return super()._apply_self_attn_bda_step(attention_output_with_bias, residual,
                                                          attn_state)
             self.attn_norm_manager = None  # no offloading here (_fuses_add)
-            return self._hand_over(attention_output_with_bias, residual, self.hidden_dropout)
+            out_with_bias, residual = self._into_add(attention_output_with_bias, residual,
+                                                     self.self_attn_output_layernorm)
+            return self._hand_over(out_with_bias, residual, self.hidden_dropout)
 
         def _pre_mlp_layernorm_and_residual(self, hidden_states):
             if self._pending_add is None:

@@ -94,9 +94,12 @@ def get_layer_spec(
     b = backend(use_transformer_engine)
     p = b.provider
     q_norm, kv_norm = _head_norms(qkv_norm)
-    fuse_input = lay.input and not lay.input_is_residual and b.fuses_norm_into_linear
+    # TE's fused norm-linear cannot scale its norm's output: LayerNorm Scaling's norms are ours
+    fuses = b.fuses_norm_into_linear and not lay.depth_scaled
+    feed_norm = Norm if lay.depth_scaled else b.norm
+    fuse_input = lay.input and not lay.input_is_residual and fuses
     fuse_pre_mlp = (lay.pre_mlp and not lay.pre_mlp_is_residual and num_experts is None
-                    and b.fuses_norm_into_linear)
+                    and fuses)
     residual_norm = lay.pre_mlp_is_residual and b.fuses_norm_into_linear
     norm_in_linear = residual_norm and te_ffn_norm == "in_linear"
     if norm_in_linear and num_experts is not None:
@@ -120,23 +123,23 @@ def get_layer_spec(
     elif residual_norm and te_ffn_norm == "fused_add":
         pre_mlp = PostNorm
     else:
-        pre_mlp = b.post_norm if lay.pre_mlp_is_residual else b.norm
+        pre_mlp = b.post_norm if lay.pre_mlp_is_residual else feed_norm
     keys_map = {}
     if norm_in_linear:  # the same checkpoint names as the separate norm
         keys_map["mlp.linear_fc1.layer_norm_"] = "pre_mlp_layernorm."
-    if not b.fuses_norm_into_linear:
-        # Megatron stores local pre-norms under the names the TE fused linears give them, so
-        # that local and TE checkpoints interchange; do the same where TE would fuse the norm.
-        if lay.input and not lay.input_is_residual:
-            keys_map["input_layernorm."] = "self_attention.linear_qkv.layer_norm_"
-        if lay.pre_mlp and not lay.pre_mlp_is_residual and num_experts is None:
-            keys_map["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
+    # Megatron stores local pre-norms under the names the TE fused linears give them, so that
+    # local and TE checkpoints interchange; do the same wherever TE would fuse the norm.
+    if lay.input and not lay.input_is_residual and not fuse_input:
+        keys_map["input_layernorm."] = "self_attention.linear_qkv.layer_norm_"
+    if (lay.pre_mlp and not lay.pre_mlp_is_residual and num_experts is None
+            and not fuse_pre_mlp):
+        keys_map["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
     return ModuleSpec(
         module=HybridTransformerLayer,
         params={"norms": lay},
         submodules=HybridTransformerLayerSubmodules(
             input_layernorm=(b.post_norm if lay.input_is_residual
-                             else b.norm if lay.input and not fuse_input else IdentityOp),
+                             else feed_norm if lay.input and not fuse_input else IdentityOp),
             self_attention=ModuleSpec(
                 module=QKVNormSelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
@@ -150,9 +153,11 @@ def get_layer_spec(
                     v_layernorm=kv_norm if lay.v else None,
                 ),
             ),
+            self_attn_output_layernorm=b.norm if lay.attn_output else IdentityOp,
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=pre_mlp,
             mlp=mlp,
+            mlp_output_layernorm=b.norm if lay.mlp_output else IdentityOp,
             mlp_bda=get_bias_dropout_add,
             post_mlp_layernorm=b.norm if lay.post_mlp else IdentityOp,
             sharded_state_dict_keys_map=keys_map,

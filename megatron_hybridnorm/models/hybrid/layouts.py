@@ -28,13 +28,14 @@ OURS = (ATTENTION, MLP, MOE)
 MEGATRONS = ("M", "G")  # built from megatron-core's hybrid stack spec, norms untouched
 REFUSED = {"D": "DeepSeek sparse attention", "+": "multi-latent attention"}
 
-ATTENTION_NORMS = ("input", "input_is_residual", "q", "k", "v")
-MLP_NORMS = ("pre_mlp", "pre_mlp_is_residual", "post_mlp")
+ATTENTION_NORMS = ("input", "input_is_residual", "q", "k", "v", "attn_output")
+MLP_NORMS = ("pre_mlp", "pre_mlp_is_residual", "mlp_output", "post_mlp")
+BOTH = ("depth_scaled", "deepnorm")  # a block's own: both its layers apply them
 
 
 def half(lay: LayerNorms, symbol: str) -> LayerNorms:
     """The norms of ``lay`` that a pattern layer of kind ``symbol`` owns."""
-    names = ATTENTION_NORMS if symbol == ATTENTION else MLP_NORMS
+    names = (ATTENTION_NORMS if symbol == ATTENTION else MLP_NORMS) + BOTH
     return LayerNorms(**{f.name: getattr(lay, f.name) for f in fields(lay) if f.name in names})
 
 

@@ -17,7 +17,9 @@ from megatron_hybridnorm.transformer.layer import HybridTransformerLayer
 from megatron_hybridnorm.schemes import LayerNorms, get_scheme
 from megatron_hybridnorm.models.gpt.specs import backend, get_layer_spec
 from megatron_hybridnorm.transformer.validate import SchemeConfigError, check_config, check_options
-from megatron_hybridnorm.models.hybrid.layouts import ATTENTION, MOE, PatternLayer, half, pattern_layouts
+from megatron_hybridnorm.models.hybrid.layouts import (
+    ATTENTION, MOE, PatternLayer, half, main_layers, pattern_layouts,
+)
 
 
 class PatternLayerModule(HybridTransformerLayer):
@@ -36,19 +38,23 @@ class PatternLayerModule(HybridTransformerLayer):
 
 
 def pattern_layer_spec(layer: PatternLayer, *, num_experts: int | None = None,
-                       **layer_options) -> ModuleSpec:
-    """One pattern layer: the GPT layer spec of its norms, without the other sublayer."""
+                       num_blocks: int | None = None, **layer_options) -> ModuleSpec:
+    """One pattern layer: the GPT layer spec of its norms, without the other sublayer. Where
+    they depend on the block (LayerNorm Scaling, DeepNorm), its block and the number of blocks."""
+    blocks = ({"block": layer.block, "num_blocks": num_blocks}
+              if layer.norms.depth_scaled or layer.norms.deepnorm else {})
     spec = get_layer_spec(layer.norms, num_experts=num_experts if layer.symbol == MOE else None,
                           **layer_options)
     sub = spec.submodules
     if layer.symbol == ATTENTION:
         sub = replace(sub, pre_mlp_layernorm=IdentityOp, mlp=IdentityOp, mlp_bda=IdentityFuncOp,
-                      post_mlp_layernorm=IdentityOp)
+                      mlp_output_layernorm=IdentityOp, post_mlp_layernorm=IdentityOp)
     else:
         sub = replace(sub, input_layernorm=IdentityOp, self_attention=IdentityOp,
-                      self_attn_bda=IdentityFuncOp)
+                      self_attn_output_layernorm=IdentityOp, self_attn_bda=IdentityFuncOp)
     return ModuleSpec(module=PatternLayerModule,
-                      params={**spec.params, "symbol": layer.symbol}, submodules=sub)
+                      params={**spec.params, "symbol": layer.symbol, **blocks},
+                      submodules=sub)
 
 
 def pattern_layer_specs(config: TransformerConfig, scheme: str, pattern: str, *,
@@ -67,13 +73,15 @@ def pattern_layer_specs(config: TransformerConfig, scheme: str, pattern: str, *,
     # te_ffn_norm="in_linear" with MoE layers is refused by check_config (num_moe_experts set)
     te_ffn_norm = opts.get("te_ffn_norm", "te")
     cache, specs = {}, {}
+    num_blocks = main_layers(pattern).count(ATTENTION)
     for i, lay in enumerate(layers):
         if lay.norms is None:
             continue
-        key = (lay.symbol, lay.norms)
+        key = (lay.symbol, lay.norms, lay.block if lay.norms.depth_scaled else None)
         if key not in cache:
             cache[key] = pattern_layer_spec(
-                lay, num_experts=config.num_moe_experts, qkv_norm=opts["qkv_norm"],
+                lay, num_experts=config.num_moe_experts, num_blocks=num_blocks,
+                qkv_norm=opts["qkv_norm"],
                 moe_grouped_gemm=config.moe_grouped_gemm,
                 use_transformer_engine=use_transformer_engine, te_ffn_norm=te_ffn_norm,
                 use_te_activation_func=config.use_te_activation_func)
