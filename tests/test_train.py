@@ -335,3 +335,20 @@ def test_resume_skips_a_damaged_checkpoint_and_says_so(tmp_path):
     out = run(["--resume", "--name", "crashed", "--runs-dir", str(tmp_path)], check=False)
     assert out.returncode == 2 and "no checkpoint in" in out.stdout + out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_each_scheme_gets_its_own_qkv_norm_span_unless_given():
+    """OLMo 2's Q/K norms span all heads, the paper's schemes' one head; --qkv-norm overrides
+    both (and a scheme without Q/K/V norms takes no such option)."""
+    from megatron_hybridnorm.train.model import scheme_options
+
+    _, args = cli.parse(["--schemes", "olmo2,hybridnorm,prenorm"])
+    assert [scheme_options(args, s) for s in ("olmo2", "hybridnorm", "prenorm")] == [{}, {}, {}]
+    import megatron_hybridnorm as mh
+    from megatron_hybridnorm.transformer.validate import check_options
+
+    assert check_options(mh.get_scheme("olmo2"), {})["qkv_norm"] == "full"
+    assert check_options(mh.get_scheme("hybridnorm"), {})["qkv_norm"] == "head"
+    _, args = cli.parse(["--schemes", "olmo2,prenorm", "--qkv-norm", "head"])
+    assert scheme_options(args, "olmo2") == {"qkv_norm": "head"}
+    assert scheme_options(args, "prenorm") == {}

@@ -31,7 +31,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m megatron_hybridnorm.check",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--scheme", default="hybridnorm_star", choices=SCHEMES)
-    p.add_argument("--qkv-norm", default="head", choices=["head", "full"])
+    p.add_argument("--qkv-norm", default=None, choices=["head", "full"],
+                   help="the span of the Q/K/V norms (default: the scheme's own)")
     p.add_argument("--backend", default="local", choices=["local", "te"],
                    help="local modules, or Transformer Engine's (needs TE)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])

@@ -16,6 +16,7 @@ from functools import partial
 
 import torch
 
+from megatron_hybridnorm.schemes import get_scheme
 from megatron_hybridnorm.harness.layout_init import gather_full, global_name, layout_invariant_init
 from megatron_hybridnorm.norms.names import is_norm_parameter
 from megatron_hybridnorm.check import faults
@@ -53,7 +54,7 @@ def build_chunks(config, case):
     from megatron.core import parallel_state as ps
 
     vpp = config.virtual_pipeline_model_parallel_size
-    options = {"qkv_norm": case["qkv_norm"]} if "qkv_norm" in case else {}
+    options = get_scheme(case["scheme"]).options_from(qkv_norm=case.get("qkv_norm"))
     options.update(faults.build_options(case))
     chunks = []
     for vp in range(vpp or 1):

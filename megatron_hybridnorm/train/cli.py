@@ -41,8 +41,9 @@ def parser() -> argparse.ArgumentParser:
                         + "; ".join(f"{k}: {v.help}" for k, v in PRESETS.items()))
     g = p.add_argument_group("schemes")
     g.add_argument("--schemes", default=DEFAULT_SCHEMES, help="comma-separated scheme names")
-    g.add_argument("--qkv-norm", default="head", choices=["head", "full"],
-                   help="Q/K/V norms per head (the paper's) or over all heads")
+    g.add_argument("--qkv-norm", default=None, choices=["head", "full"],
+                   help="Q/K/V norms per head or over all heads (default: each scheme's own: "
+                        "per head, the paper's; over all heads for olmo2)")
     g.add_argument("--mixln-fraction", type=float, default=None,
                    help="Mix-LN's fraction of Post-Norm layers (scheme default 0.25)")
     g = p.add_argument_group("model")

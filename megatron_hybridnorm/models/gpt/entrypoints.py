@@ -15,7 +15,8 @@ One entry point per scheme, the same ``--spec`` on every megatron-core version:
 
 Scheme options come from the environment, because ``--spec`` passes no arguments:
 
-    HYBRIDNORM_QKV_NORM=full         Q/K/V norms over all heads (default: head, the paper's)
+    HYBRIDNORM_QKV_NORM=full         Q/K/V norms over all heads (default: the scheme's own:
+                                     head, the paper's; full for olmo2)
     HYBRIDNORM_MIXLN_FRACTION=0.5    Mix-LN's fraction of Post-Norm layers (default 0.25)
     HYBRIDNORM_TE_FFN_NORM=fused_add on Transformer Engine, the pre-MLP norm whose output is the
                                      residual: te (default), fused_add or in_linear
@@ -120,7 +121,7 @@ def check_load_matches(scheme: str, options: dict, path: str | None,
                 "(--ckpt-format torch_dist) are checked, and named by "
                 "python -m megatron_hybridnorm.inspect"]
     s = get_scheme(scheme)
-    why = found.mismatch(scheme, options.get("qkv_norm", "head"),
+    why = found.mismatch(scheme, options.get("qkv_norm", s.qkv_norm),
                          s.num_head_layers(found.num_blocks, options.get("mixln_fraction")))
     if why:
         raise SchemeMismatchError(
