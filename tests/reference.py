@@ -25,6 +25,8 @@ class RefConfig:
 def norm(x, p, prefix, cfg: RefConfig):
     """N(x) over the last dim with the weight (and bias) stored under ``prefix``."""
     w = p[prefix + "weight"] + (1.0 if cfg.zero_centered else 0.0)
+    if cfg.normalization == "DyT":  # gamma * tanh(alpha * x) + beta, elementwise
+        return torch.tanh(p[prefix + "alpha"] * x) * w + p[prefix + "bias"]
     if cfg.normalization == "RMSNorm":
         return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + cfg.eps) * w
     mu = x.mean(-1, keepdim=True)

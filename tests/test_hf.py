@@ -97,6 +97,34 @@ def test_exported_model_matches_megatron_and_round_trips(megatron_single_rank, r
             assert torch.equal(value, original[name]), name
 
 
+@pytest.mark.parametrize("scheme", ["periln", "hybridnorm_star", "deepnorm"])
+def test_a_dyt_model_exports_with_megatrons_logits(megatron_single_rank, tmp_path, scheme):
+    """DyT in every norm (a hybridnorm-train run with --normalization DyT, one rank): the
+    exported model's logits are Megatron's, and it round-trips."""
+    out = subprocess.run(
+        [sys.executable, "-m", "megatron_hybridnorm.train", "--schemes", scheme,
+         "--normalization", "DyT", "--steps", "2", *SMALL, "--runs-dir", str(tmp_path),
+         "--name", "dyt"], capture_output=True, text=True, cwd=ROOT, timeout=600,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert out.returncode == 0, out.stderr[-3000:]
+    ckpt = tmp_path / "dyt" / "checkpoints" / scheme
+    folder = convert.checkpoint_folder(ckpt)
+    arch, _, _ = convert.architecture_of(folder)
+    assert arch.normalization == "DyT"
+    megatron = convert.load_megatron(folder, arch)
+    assert any(n.endswith(".alpha") for n, _ in megatron.named_parameters())
+    hf = hf_model(convert.export(ckpt, tmp_path / "hf"))
+    x = tokens()
+    pos = torch.arange(x.shape[1]).unsqueeze(0).expand_as(x)
+    with torch.no_grad():
+        assert rel_err(hf(x).logits, megatron(x, pos, None)) < 1e-5
+    back = convert.import_hf(tmp_path / "hf", tmp_path / "megatron")
+    again = convert.load_megatron(convert.checkpoint_folder(back), arch).state_dict()
+    for name, value in megatron.state_dict().items():
+        if not name.endswith("_extra_state"):
+            assert torch.equal(value, again[name]), name
+
+
 def test_the_export_loads_without_megatron_core(megatron_single_rank, run_dir, tmp_path):
     out = convert.export(run_dir / "checkpoints" / "hybridnorm_star", tmp_path / "hf")
     code = (

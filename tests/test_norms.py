@@ -132,3 +132,22 @@ def test_head_norms_and_layer_norms_take_the_models_tp_group(megatron_single_ran
     assert layer.self_attention.q_layernorm.tp_group is tp
     assert layer.self_attention.v_layernorm.tp_group is tp
     assert layer.input_layernorm.tp_group is tp
+
+
+def test_dyt_parameters_and_their_tensor_parallel_marks():
+    """DyT: gamma, beta and one alpha at the paper's 0.5. In a residual-stream norm all three
+    are marked sequence-parallel (summed over TP under SP, as a norm weight is); in a per-head
+    norm all are summed over TP; in a full-width norm gamma and beta are TP-sharded like the
+    heads and the one alpha is replicated and summed over TP."""
+    cfg = tiny_config(normalization="DyT", tensor_model_parallel_size=2, sequence_parallel=True)
+    n = Norm(config=cfg, hidden_size=64)
+    assert n.alpha.shape == (1,) and float(n.alpha) == 0.5 and n.bias is not None
+    assert all(p.sequence_parallel for p in (n.weight, n.bias, n.alpha))
+    h = HeadNorm(config=cfg, hidden_size=16)
+    assert all(p.average_gradients_across_tp_domain for p in (h.weight, h.bias, h.alpha))
+    f = FullWidthNorm(config=cfg, hidden_size=16, spans="query")
+    assert f.weight.tensor_model_parallel and f.bias.tensor_model_parallel
+    assert not getattr(f.alpha, "tensor_model_parallel", False)
+    assert f.alpha.average_gradients_across_tp_domain
+    x = torch.randn(3, 2, 2, 16)
+    assert torch.allclose(f(x), torch.tanh(0.5 * x))  # gamma 1, beta 0: elementwise, no stats

@@ -58,7 +58,25 @@ CASES = [(s, mh.get_scheme(s).qkv_norm, "RMSNorm") for s in mh.SCHEMES] + [
     ("hybridnorm_star", "full", "RMSNorm"),
     ("hybridnorm", "head", "LayerNorm"),
     ("postnorm", "head", "LayerNorm"),
+    # DyT in place of every norm, on placements with every kind of slot
+    ("hybridnorm_star", "head", "DyT"),
+    ("hybridnorm", "full", "DyT"),
+    ("periln", "head", "DyT"),
+    ("olmo2", "full", "DyT"),
+    ("postnorm", "head", "DyT"),
+    ("deepnorm", "head", "DyT"),
 ]
+
+
+def with_attention_signal(model):
+    """DyT does not rescale: in the tiny test model the residual stream and q, k then stay near
+    1e-3, attention is uniform and the Q/K norms' gradients are about 1e-10, below float32's
+    noise. Larger embeddings and QKV weights make the attention depend on q and k (gradients
+    about 1e-7, compared to 1e-5 as all others)."""
+    with torch.no_grad():
+        model.embedding.word_embeddings.weight.mul_(30.0)
+        for layer in model.decoder.layers:
+            layer.self_attention.linear_qkv.weight.mul_(10.0)
 
 
 @pytest.mark.parametrize("scheme,qkv_norm,normalization", CASES)
@@ -68,6 +86,8 @@ def test_matches_reference(megatron_single_rank, scheme, qkv_norm, normalization
     options = {"qkv_norm": qkv_norm} if mh.get_scheme(scheme).has_head_norms else {}
     model = build_gpt(config, scheme, **options)
     randomize_norms(model)
+    if normalization == "DyT":
+        with_attention_signal(model)
     worst, errs = compare_to_reference(model, scheme, config, qkv_norm=qkv_norm)
     assert worst < TOL, {k: v for k, v in errs.items() if v >= TOL}
     # the comparison covered every parameter, norms included

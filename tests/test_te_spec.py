@@ -185,3 +185,10 @@ def test_as_post_norm_keeps_parameters_and_returns_output_as_residual():
     assert out is residual and post.weight is weight and post.returns_residual
     assert [n for n, _ in post.named_parameters()] == ["weight"]
     assert isinstance(post, torch.nn.RMSNorm)
+
+
+def test_dyt_on_transformer_engine_is_refused_naming_the_local_backend(te_available):
+    """TE has no DyT module, and its fused norm-linears cannot take one."""
+    with pytest.raises(mh.SchemeConfigError, match=r"DyT.*--transformer-impl local"):
+        mh.get_decoder_block_spec(tiny_config(normalization="DyT"), "periln",
+                                  use_transformer_engine=True)

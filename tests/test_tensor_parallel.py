@@ -36,6 +36,11 @@ CASES = [
     dict(scheme="olmo2", qkv_norm="head", sp=True),
     dict(scheme="prenorm_lns", sp=True),
     dict(scheme="deepnorm", sp=True),
+    # DyT in every norm: its alpha under SP (residual stream), in per-head norms and in the
+    # full-width ones (replicated alpha, sharded weight)
+    dict(scheme="hybridnorm_star", qkv_norm="head", sp=True, config=dict(normalization="DyT")),
+    dict(scheme="hybridnorm_star", qkv_norm="full", sp=True, config=dict(normalization="DyT")),
+    dict(scheme="periln", sp=True, config=dict(normalization="DyT")),
     # negative control: a V norm without TP handling must be caught
     dict(scheme="hybridnorm", qkv_norm="head", sp=False, fault="v_norm_tp"),
 ]

@@ -81,7 +81,8 @@ def randomize_norms(model, seed=7):
             g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
             # draw at full (TP=1) width, then keep this rank's slice for sharded norms
             r = torch.randn(full_shape(p, tp), generator=g, dtype=torch.float32, device="cpu")
-            r = 1.0 + 0.3 * r if name.endswith("weight") else 0.1 * r
+            r = (1.0 + 0.3 * r if name.endswith("weight") else 0.5 + 0.1 * r
+                 if name.endswith("alpha") else 0.1 * r)  # DyT's alpha near its init
             p.copy_(shard(p, r, tp, rank))
 
 

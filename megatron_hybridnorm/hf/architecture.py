@@ -55,7 +55,8 @@ class Architecture:
                    ffn_hidden_size=a["ffn_hidden"], vocab_size=vocab,
                    max_position_embeddings=a["seq_len"], rope_base=a["rope_base"],
                    tied_embeddings=not a["untie_embeddings"], qkv_norm=a.get("qkv_norm") or get_scheme(scheme).qkv_norm,
-                   mixln_fraction=a.get("mixln_fraction"))
+                   mixln_fraction=a.get("mixln_fraction"),
+                   normalization=a.get("normalization", "RMSNorm"))
 
     @classmethod
     def from_megatron_lm_args(cls, args, scheme: str) -> "Architecture":

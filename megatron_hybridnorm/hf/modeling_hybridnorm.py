@@ -72,18 +72,22 @@ class HybridNormConfig(PretrainedConfig):
 
 
 class Norm(nn.Module):
-    """RMSNorm or LayerNorm over the last dim, in fp32, cast back."""
+    """RMSNorm or LayerNorm over the last dim, or DyT (gamma * tanh(alpha * x) + beta), in fp32,
+    cast back."""
 
     def __init__(self, width: int, config: HybridNormConfig):
         super().__init__()
         self.kind, self.eps = config.normalization, config.norm_eps
         self.offset = 1.0 if config.zero_centered_gamma else 0.0
         self.weight = nn.Parameter(torch.full((width,), 1.0 - self.offset))
-        self.bias = nn.Parameter(torch.zeros(width)) if self.kind == "LayerNorm" else None
+        self.bias = nn.Parameter(torch.zeros(width)) if self.kind != "RMSNorm" else None
+        self.alpha = nn.Parameter(torch.full((1,), 0.5)) if self.kind == "DyT" else None
 
     def forward(self, x):
         xf, w = x.float(), self.weight.float() + self.offset
-        if self.kind == "RMSNorm":
+        if self.kind == "DyT":
+            y = torch.tanh(self.alpha.float() * xf) * w + self.bias.float()
+        elif self.kind == "RMSNorm":
             y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * w
         else:
             y = F.layer_norm(xf, (xf.shape[-1],), w, self.bias.float(), self.eps)

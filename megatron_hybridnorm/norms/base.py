@@ -1,4 +1,7 @@
-"""The parameters every norm here owns, in Megatron's layout: ``weight`` and, for LayerNorm, ``bias``."""
+"""The parameters every norm here owns, in Megatron's layout: ``weight`` and, for LayerNorm, ``bias``;
+DyT (Zhu et al. 2025, "Transformers without Normalization", arXiv 2503.10622) has ``weight``
+(gamma), ``bias`` (beta) and the learned scalar ``alpha``: y = gamma * tanh(alpha * x) + beta,
+alpha starting at the paper's default 0.5."""
 
 from __future__ import annotations
 
@@ -8,7 +11,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_hybridnorm.kernels.report import record
 from megatron_hybridnorm.norms.functional import choose_impl, normalize
 
-NORMALIZATIONS = ("RMSNorm", "LayerNorm")
+NORMALIZATIONS = ("RMSNorm", "LayerNorm", "DyT")
+DYT_ALPHA_INIT = 0.5  # the DyT paper's default alpha_0
 
 
 class NormBase(torch.nn.Module):
@@ -24,12 +28,16 @@ class NormBase(torch.nn.Module):
         self.zero_centered_gamma = config.layernorm_zero_centered_gamma
         init = torch.zeros if self.zero_centered_gamma else torch.ones
         self.weight = torch.nn.Parameter(init(width))
-        if self.kind == "LayerNorm":
+        if self.kind in ("LayerNorm", "DyT"):
             self.bias = torch.nn.Parameter(torch.zeros(width))
         else:
             self.register_parameter("bias", None)
+        if self.kind == "DyT":
+            self.alpha = torch.nn.Parameter(torch.full((1,), DYT_ALPHA_INIT))
+        else:
+            self.register_parameter("alpha", None)
 
-    def _normalize(self, x: torch.Tensor, weight=None, bias=None) -> torch.Tensor:
+    def _normalize(self, x: torch.Tensor, weight=None, bias=None, alpha=None) -> torch.Tensor:
         impl, why = choose_impl(x, self.kind)
         record(self, f"{impl} ({why})")
         return normalize(
@@ -40,6 +48,7 @@ class NormBase(torch.nn.Module):
             self.kind,
             self.zero_centered_gamma,
             impl,
+            alpha=self.alpha if alpha is None else alpha,
         )
 
     # the tensor-parallel group of the module that owns this norm (its ``pg_collection.tp``),

@@ -30,8 +30,8 @@ def choose_impl(x: torch.Tensor, kind: str) -> tuple[str, str]:
         if triton:
             return "triton", why
     else:
-        why = "LayerNorm (the kernels are RMSNorm)"
-    if HAVE_APEX and x.is_cuda and x.dtype != torch.float64:
+        why = f"{kind} (the kernels are RMSNorm)"
+    if HAVE_APEX and kind != "DyT" and x.is_cuda and x.dtype != torch.float64:
         return "apex", f"Apex fused kernel; {why}"
     return "torch", why
 
@@ -44,8 +44,10 @@ def normalize(
     kind: str,
     zero_centered_gamma: bool = False,
     impl: str = "auto",
+    alpha: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """RMSNorm or LayerNorm over the last dim, computed in fp32 and cast back.
+    """RMSNorm or LayerNorm over the last dim, or DyT elementwise (``alpha``: its scalar),
+    computed in fp32 and cast back.
 
     With ``zero_centered_gamma`` the stored weight is gamma - 1 (Megatron's convention).
     ``impl``: "auto" (``choose_impl``), or one of ``IMPLS``.
@@ -67,7 +69,9 @@ def normalize(
             y = FusedLayerNormAffineMixedDtypesFunction.apply(x, w, bias.float(), width, eps, False)
         return y.to(x.dtype)
     xf = x.float()
-    if kind == "RMSNorm":
+    if kind == "DyT":
+        y = torch.tanh(alpha.float() * xf) * w + bias.float()
+    elif kind == "RMSNorm":
         y = F.rms_norm(xf, width, w, eps)
     else:
         y = F.layer_norm(xf, width, w, None if bias is None else bias.float(), eps)
@@ -85,6 +89,7 @@ def add_normalize(
     zero_centered_gamma: bool = False,
     dropout_p: float = 0.0,
     impl: str = "auto",
+    alpha: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``normalize(residual + dropout(out + out_bias))``: a sublayer's bias-dropout-add and the
     norm after it. With ``impl`` "triton" (RMSNorm) one pass (``kernels/rmsnorm.py``; its dropout
@@ -99,7 +104,8 @@ def add_normalize(
     branch = out if out_bias is None else out + out_bias
     if dropout_p > 0:
         branch = F.dropout(branch, p=dropout_p, training=True)
-    return normalize(residual + branch, weight, bias, eps, kind, zero_centered_gamma, impl)
+    return normalize(residual + branch, weight, bias, eps, kind, zero_centered_gamma, impl,
+                     alpha=alpha)
 
 
 class ScaleGrad(torch.autograd.Function):

@@ -42,7 +42,8 @@ class HeadNorm(NormBase):
         return ScaleGrad.apply(p, float(self.tp_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._normalize(x, self.scaled(self.weight), self.scaled(self.bias))
+        return self._normalize(x, self.scaled(self.weight), self.scaled(self.bias),
+                               self.scaled(self.alpha))
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -86,15 +87,24 @@ class FullWidthNorm(NormBase):
         self.global_width = heads * hidden_size
         super().__init__(config, heads // tp * hidden_size, eps)
         self.tp_size = tp
-        for p in self.parameters():
-            set_tensor_model_parallel_attributes(p, is_parallel=True, dim=0, stride=1)
+        for p in (self.weight, self.bias):
+            if p is not None:
+                set_tensor_model_parallel_attributes(p, is_parallel=True, dim=0, stride=1)
+        if self.alpha is not None:
+            # DyT's one alpha is replicated, but each rank sees its own heads: its gradient is
+            # summed over TP, as a per-head norm's weight is (HeadNorm)
+            self.alpha.average_gradients_across_tp_domain = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., local heads, head_dim] -> one row of all local heads
-        record(self, "torch (statistics over all heads"
-               + (", all-reduced over TP)" if self.tp_size > 1 else ")"))
         shape = x.shape
         xf = x.reshape(*shape[:-2], shape[-2] * shape[-1]).float()
+        if self.kind == "DyT":  # elementwise: no statistics to sum over TP
+            alpha = self.alpha if self.tp_size == 1 else ScaleGrad.apply(self.alpha,
+                                                                         float(self.tp_size))
+            return self._normalize(xf, alpha=alpha).to(x.dtype).reshape(shape)
+        record(self, "torch (statistics over all heads"
+               + (", all-reduced over TP)" if self.tp_size > 1 else ")"))
         group = self.tensor_parallel_group() if self.tp_size > 1 else None
 
         def total(t):

@@ -2,7 +2,7 @@
 layout-invariant init, the check's norm randomization, its replica check and its gradient
 groups, the inspector).
 
-A norm's weight or bias is named, across backends and models:
+A norm's weight or bias (and DyT's alpha) is named, across backends and models:
 - ``...input_layernorm.weight``, ``...pre_mlp_layernorm.weight``, ``...post_mlp_layernorm.weight``,
   ``...self_attention.q_layernorm.weight`` (and k, v), ``decoder.final_layernorm.weight``: norm
   modules, local or TE (``TENorm``);
@@ -17,10 +17,10 @@ from __future__ import annotations
 import re
 
 _NORM_PARAMETER = re.compile(
-    r"(?:^|\.)(?:\w*layernorm|final_norm|norm)\.(?:weight|bias)$"  # a norm module's
-    r"|(?:^|\.)layer_norm_(?:weight|bias)$"  # TE's fused norm in a linear
+    r"(?:^|\.)(?:\w*layernorm|final_norm|norm)\.(?:weight|bias|alpha)$"  # a norm module's
+    r"|(?:^|\.)layer_norm_(?:weight|bias|alpha)$"  # TE's fused norm in a linear (DyT: ours)
 )
-_HEAD_NORM = re.compile(r"(?:^|\.)[qkv]_layernorm\.(?:weight|bias)$")
+_HEAD_NORM = re.compile(r"(?:^|\.)[qkv]_layernorm\.(?:weight|bias|alpha)$")
 
 
 def is_norm_parameter(name: str) -> bool:

@@ -37,7 +37,7 @@ class Norm(NormBase):
             impl, why = choose_impl(x, self.kind)
             record(self, f"{impl} add + norm ({why})")
             out = add_normalize(residual, x, x_bias, self.weight, self.bias, self.eps, self.kind,
-                                self.zero_centered_gamma, dropout_p, impl)
+                                self.zero_centered_gamma, dropout_p, impl, alpha=self.alpha)
         if self.output_scale is not None:  # LayerNorm Scaling's 1/sqrt(l), set by the layer
             out = out * self.output_scale
         if self.reports_itself:

@@ -51,6 +51,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden", type=int, default=256)
     g.add_argument("--heads", type=int, default=4)
     g.add_argument("--kv-heads", type=int, default=2, help="query groups (GQA)")
+    g.add_argument("--normalization", choices=["RMSNorm", "LayerNorm", "DyT"], default="RMSNorm",
+                   help="the kind of every norm of the scheme (DyT: tanh with a learned scale, "
+                        "no statistics)")
     g.add_argument("--ffn-hidden", type=int, default=None, help="SwiGLU width (default ~8/3 d)")
     g.add_argument("--seq-len", type=int, default=128)
     g.add_argument("--rope-base", type=float, default=500000.0)

@@ -10,7 +10,7 @@ from megatron_hybridnorm.harness.layout_init import layout_invariant_init
 
 
 def transformer_config(args):
-    """The TransformerConfig every scheme shares (SmallInit, SwiGLU, GQA, RMSNorm)."""
+    """The TransformerConfig every scheme shares (SmallInit, SwiGLU, GQA, the norm kind)."""
     bf16 = args.dtype == "bf16"
     config = gpt_config(
         num_layers=args.layers,
@@ -18,6 +18,7 @@ def transformer_config(args):
         num_attention_heads=args.heads,
         num_query_groups=args.kv_heads,
         ffn_hidden_size=args.ffn_hidden,
+        normalization=args.normalization,
         tensor_model_parallel_size=args.tp,
         pipeline_model_parallel_size=args.pp,
         sequence_parallel=args.sp,

@@ -129,6 +129,10 @@ def check_config(
              "directly and so skip this scheme's norms after the adds; unset it "
              "(--overlap-moe-expert-parallel-comm)")
     if use_transformer_engine:
+        if config.normalization == "DyT":
+            fail("normalization='DyT' has no Transformer Engine module (TE's norms are RMSNorm "
+                 "and LayerNorm, and its fused norm-linears cannot take it); build the spec "
+                 "with use_transformer_engine=False (--transformer-impl local)")
         return
     if config.use_te_activation_func:
         fail("use_te_activation_func uses Transformer Engine's activation module; build the "
