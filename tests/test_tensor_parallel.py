@@ -12,6 +12,7 @@ import dist_cases
 
 pytestmark = pytest.mark.slow
 
+DYT = dict(normalization="DyT", init_method_std=0.3)
 CASES = [
     dict(scheme=s, qkv_norm=q, sp=sp)
     for s in ("hybridnorm", "hybridnorm_star")
@@ -37,10 +38,12 @@ CASES = [
     dict(scheme="prenorm_lns", sp=True),
     dict(scheme="deepnorm", sp=True),
     # DyT in every norm: its alpha under SP (residual stream), in per-head norms and in the
-    # full-width ones (replicated alpha, sharded weight)
-    dict(scheme="hybridnorm_star", qkv_norm="head", sp=True, config=dict(normalization="DyT")),
-    dict(scheme="hybridnorm_star", qkv_norm="full", sp=True, config=dict(normalization="DyT")),
-    dict(scheme="periln", sp=True, config=dict(normalization="DyT")),
+    # full-width ones (replicated alpha, sharded weight). DyT does not rescale, so weights drawn
+    # with Megatron's std 0.02 leave attention uniform and the Q/K norm gradients below float32
+    # noise (test_reference.with_attention_signal); std 0.3 gives them a signal
+    dict(scheme="hybridnorm_star", qkv_norm="head", sp=True, config=DYT),
+    dict(scheme="hybridnorm_star", qkv_norm="full", sp=True, config=DYT),
+    dict(scheme="periln", sp=True, config=DYT),
     # negative control: a V norm without TP handling must be caught
     dict(scheme="hybridnorm", qkv_norm="head", sp=False, fault="v_norm_tp"),
 ]
@@ -90,4 +93,7 @@ def test_tp2_matches_tp1(runs, i):
         assert bad and min(bad.values()) > 0.05, bad
         assert not all(r["norms_identical"] for r in ranks)
         return
-    assert_same_training(one, ranks)
+    # DyT's alpha gradient is one sum over every element its norm sees; TP=2 adds it up in
+    # another order (float32 noise up to ~6e-5 measured); a missing TP sum would be off by half
+    dyt = CASES[i].get("config", {}).get("normalization") == "DyT"
+    assert_same_training(one, ranks, tol=2e-4 if dyt else 1e-5)
