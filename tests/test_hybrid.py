@@ -545,8 +545,8 @@ def test_hybrid_pp2_matches_one_rank_with_special_blocks_global(parallel_runs, i
         want = [(I, None, None, None, I, I, I, I, None), FFN["post"]] + [
             (N, None, None, None, I, I, I, I, None), FFN["pre"]] * 3
     elif case["scheme"] == "prenorm_lns":  # block b's two layers scale by 1/sqrt(b + 1)
-        want = [lay[:-1] + (round(1 / (b + 1) ** 0.5, 6),) for b in range(4)
-                for lay in ((N, None, None, None, I, I, I, I), FFN["pre"])]
+        want = [lay + (round(1 / (b + 1) ** 0.5, 6),) for b in range(4)
+                for lay in ((N, None, None, None, I, I, I, I), FFN["pre"][:-1])]
     else:
         want = [ATT["hybridnorm"], FFN["hybridnorm"]] * 4
     assert [slots[k] for k in range(8)] == want
