@@ -14,7 +14,7 @@ MOE_OVERLAP = dict(num_moe_experts=4, moe_router_topk=2, expert_model_parallel_s
 
 
 @pytest.mark.parametrize("scheme", ["hybridnorm", "hybridnorm_star", "postnorm", "mixln",
-                                    "postnorm_official"])
+                                    "postnorm_official", "periln", "olmo2", "deepnorm"])
 def test_moe_expert_parallel_overlap_is_refused_where_it_would_skip_the_norms(scheme):
     """megatron-core's fine-grained MoE callables call the pre-MLP norm and the residual adds
     directly; HybridNorm's post-normed residual and Post-Norm's layer-output norm would be
@@ -23,7 +23,7 @@ def test_moe_expert_parallel_overlap_is_refused_where_it_would_skip_the_norms(sc
         mh.get_decoder_block_spec(tiny_config(**MOE_OVERLAP), scheme)
 
 
-@pytest.mark.parametrize("scheme", ["prenorm", "prenorm_qknorm"])
+@pytest.mark.parametrize("scheme", ["prenorm", "prenorm_qknorm", "prenorm_lns"])
 def test_moe_expert_parallel_overlap_is_left_to_megatron_for_pre_norm(scheme):
     assert mh.get_decoder_block_spec(tiny_config(**MOE_OVERLAP), scheme).layer_specs
 
@@ -33,6 +33,13 @@ def test_multi_token_prediction_is_refused_by_the_megatron_lm_entry_points(schem
     """Megatron-LM 0.19 builds MTP layers from its default spec, whatever --spec says."""
     with pytest.raises(mh.SchemeConfigError, match="unset --mtp-num-layers"):
         getattr(entrypoints, scheme)(tiny_config(transformer_impl="local", mtp_num_layers=1))
+
+
+def test_dyt_before_megatron_core_0_19_is_refused_by_the_megatron_lm_entry_points(monkeypatch):
+    """Before 0.19 Megatron-LM adds its own final norm around a --spec layer, with no DyT."""
+    monkeypatch.setattr(entrypoints, "SPEC_CALLABLES_ARE_CALLED", False)
+    with pytest.raises(mh.SchemeConfigError, match="DyT.*0.19 or later"):
+        entrypoints.check_megatron_lm_config("periln", tiny_config(normalization="DyT"))
 
 
 @pytest.mark.parametrize("impl,modules,fused", [

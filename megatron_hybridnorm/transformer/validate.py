@@ -122,11 +122,13 @@ def check_config(
                  "mlp_chunks_for_training > 1 runs the FFN in chunks; set it to 1, or use "
                  'te_ffn_norm="te" or "fused_add"')
     moe_layers_with_our_norms = config.num_moe_experts and any(
-        lay.pre_mlp_is_residual or lay.post_mlp or lay.input_is_residual for lay in layouts)
+        lay.pre_mlp_is_residual or lay.post_mlp or lay.input_is_residual or lay.attn_output
+        or lay.mlp_output or lay.deepnorm for lay in layouts)
     if getattr(config, "overlap_moe_expert_parallel_comm", False) and moe_layers_with_our_norms:
         fail("overlap_moe_expert_parallel_comm runs MoE layers through megatron-core's "
              "fine-grained callables, which call the pre-MLP norm and the residual adds "
-             "directly and so skip this scheme's norms after the adds; unset it "
+             "directly and so skip this scheme's norms around the adds (and DeepNorm's residual "
+             "scale); unset it "
              "(--overlap-moe-expert-parallel-comm)")
     if use_transformer_engine:
         if config.normalization == "DyT":

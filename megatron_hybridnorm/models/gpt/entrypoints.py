@@ -147,6 +147,11 @@ def check_megatron_lm_config(scheme: str, config) -> None:
             "scheme's; "
             "unset --mtp-num-layers (in your own code, pass GPTModel an mtp_block_spec built "
             "from megatron_hybridnorm.get_layer_spec)")
+    if config.normalization == "DyT" and not SPEC_CALLABLES_ARE_CALLED:
+        raise SchemeConfigError(
+            f"norm scheme {scheme!r}: normalization DyT, but before 0.19 Megatron-LM adds its "
+            "own final norm around a --spec layer (TE's, Apex's or torch's), which has no DyT; "
+            "use megatron-core 0.19 or later, or RMSNorm/LayerNorm (--normalization)")
 
 
 def start_up_line(scheme: str, options: dict, use_te: bool, what: str, notes: list[str],
