@@ -44,3 +44,41 @@ def test_init_truncation_option():
             else:
                 assert abs(w.std().item() / s - 1) < 0.01
                 assert 2300 < (w.abs() > 3 * s).sum().item() < 3100
+
+
+def _deepnorm_parts(model):
+    """Per layer: (q rows, k rows, v rows of linear_qkv, linear_proj, fc1, fc2) weights."""
+    out = []
+    for layer in model.decoder.layers:
+        att = layer.self_attention
+        g, hd = att.num_query_groups_per_partition, att.hidden_size_per_attention_head
+        w = att.linear_qkv.weight.detach().view(g, -1, hd, att.linear_qkv.weight.shape[-1])
+        out.append((w[:, :-2], w[:, -2], w[:, -1], att.linear_proj.weight.detach(),
+                    layer.mlp.linear_fc1.weight.detach(), layer.mlp.linear_fc2.weight.detach()))
+    return out
+
+
+def test_deepnorm_init_scales_value_output_and_ffn_weights_by_beta(megatron_single_rank):
+    """DeepNet's beta = (8L)^(-1/4) on the value, output and FFN weights, the query and key
+    weights as drawn: the same model as Post-Norm's (same seed), those parts times beta, at
+    build and after hybridnorm-train's layout-invariant redraw alike."""
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from helpers import build_gpt
+    from megatron_hybridnorm.harness.layout_init import layout_invariant_init
+
+    cfg = tiny_config(num_layers=4)
+    beta = (8 * 4) ** -0.25
+    for redraw in (False, True):
+        models = []
+        for scheme in ("postnorm", "deepnorm"):
+            torch.manual_seed(0)
+            model_parallel_cuda_manual_seed(0)
+            models.append(build_gpt(cfg, scheme))
+            if redraw:
+                layout_invariant_init(models[-1], cfg, seed=3)
+        for post, deep in zip(*map(_deepnorm_parts, models)):
+            for i, (a, b) in enumerate(zip(post, deep)):
+                factor = 1.0 if i < 2 else beta  # q and k rows as drawn
+                assert torch.allclose(b, a * factor, rtol=1e-6, atol=0), (redraw, i)
+    assert abs(models[1].decoder.layers[0].residual_scale - (2 * 4) ** 0.25) < 1e-12
