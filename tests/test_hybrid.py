@@ -345,7 +345,8 @@ needs_interop = pytest.mark.skipif(
     reason=f"megatron-core {compat.VERSION} has no gpt_checkpoint_interop (it arrived in 0.19)")
 
 
-@pytest.mark.parametrize("scheme", ["hybridnorm", "hybridnorm_star", "mixln", "postnorm"])
+@pytest.mark.parametrize("scheme", ["hybridnorm", "hybridnorm_star", "mixln", "postnorm",
+                                    "periln", "olmo2", "prenorm_lns", "deepnorm"])
 @needs_interop
 def test_gpt_checkpoint_loads_into_the_hybrid_model(megatron_single_rank, tmp_path, scheme):
     """Stacked (Pre-Norm, Post-Norm, HybridNorm) and per-layer (HybridNorm*, Mix-LN) GPT
@@ -560,7 +561,7 @@ def test_gpt_checkpoint_saved_at_tp2_pp2_loads_into_the_hybrid_model(tmp_path):
     import dist_cases
 
     cases = [dict(scheme=s, config={"num_layers": 4}) for s in
-             ("hybridnorm", "hybridnorm_star", "mixln", "prenorm")]
+             ("hybridnorm", "hybridnorm_star", "mixln", "prenorm", "prenorm_lns", "periln")]
     saved = run_distributed(dist_cases.save_and_eval, 4, Parallel(tp=2, pp=2),
                             args=([dict(c, sp=True) for c in cases], str(tmp_path)),
                             timeout=900)[0]

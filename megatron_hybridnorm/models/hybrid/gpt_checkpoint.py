@@ -16,7 +16,10 @@ import re
 from pathlib import Path
 
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
-_LAYER_STATE = re.compile(r"decoder\.layers\.(\d+)\._extra_state$")  # the layer's own
+# the layer's own: its saved norm layout, and LayerNorm Scaling's and DeepNorm's scale buffers,
+# which both halves of a block hold
+_LAYER_STATE = re.compile(r"decoder\.layers\.(\d+)\.(?:_extra_state|depth_scale|"
+                          r"residual_scale_factor)$")
 _FINAL_NORM = ("decoder.final_norm.", "decoder.final_layernorm.")
 _LOCAL_ONLY = "output_layer._extra_state"  # GPT checkpoints omit it
 
@@ -29,9 +32,10 @@ def _is_stacked(folder: Path) -> bool:
 
 
 def keep_ffn_layouts_local(sharded_state_dict, layer_maps) -> None:
-    """A GPT layer saves one norm layout (its ``_extra_state``) for both halves; two hybrid
-    layers cannot load one checkpoint entry (megatron-core refuses duplicate keys), so the FFN
-    halves keep their own. ``load_gpt_checkpoint`` has checked the scheme before."""
+    """A GPT layer saves one norm layout (its ``_extra_state``) and one depth or residual
+    scale for both halves; two hybrid layers cannot load one checkpoint entry (megatron-core
+    refuses duplicate keys), so the FFN halves keep their own. ``load_gpt_checkpoint`` has
+    checked the scheme before."""
     from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
     from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase
 
