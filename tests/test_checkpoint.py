@@ -36,7 +36,13 @@ def _saved(tmp_path, scheme, **options):
 
 @pytest.mark.parametrize("saved_as,loaded_as", [("hybridnorm", "prenorm"),
                                                 ("hybridnorm_star", "hybridnorm"),
-                                                ("prenorm", "mixln")])
+                                                ("prenorm", "mixln"),
+                                                # look-alikes: the same norm weights, told
+                                                # apart by their scale buffers
+                                                ("prenorm", "prenorm_lns"),
+                                                ("prenorm_lns", "prenorm"),
+                                                ("deepnorm", "postnorm"),
+                                                ("periln", "prenorm")])
 def test_another_schemes_checkpoint_is_refused_before_loading(megatron_single_rank, tmp_path,
                                                               saved_as, loaded_as):
     from megatron.core import dist_checkpointing
