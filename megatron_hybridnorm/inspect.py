@@ -65,6 +65,7 @@ class Finding:
     mixln_fraction: float | None = None
     layers: list[frozenset[str]] | None = None
     pattern: str | None = None  # a HybridModel's layer pattern, pipeline splits not shown
+    normalization: str = "RMSNorm"  # the norm kind: RMSNorm, LayerNorm (biases) or DyT (alphas)
 
     @property
     def num_blocks(self) -> int:
@@ -77,7 +78,7 @@ class Finding:
         return None if self.mixln_fraction is None else round(self.mixln_fraction * self.num_blocks)
 
     def mismatch(self, scheme: str, qkv_norm: str | None = None,
-                 head_blocks: int | None = None) -> str | None:
+                 head_blocks: int | None = None, normalization: str | None = None) -> str | None:
         """Why this (a checkpoint's finding) is not ``scheme`` with these options; None when it
         is. The one scheme-level comparison behind the refusals before loading (the entry
         points' ``--load`` check, GPT checkpoints into a HybridModel); ``check_checkpoint``
@@ -86,8 +87,10 @@ class Finding:
         wanted = (scheme, qkv_norm if s.has_head_norms else None,
                   head_blocks if s.head_fraction is not None else None)
         found = (self.scheme, self.qkv_norm, self.head_blocks)
-        if found == wanted:
+        if found == wanted and normalization in (None, self.normalization):
             return None
+        if found == wanted:
+            return f"holds {self.normalization} norms, not {normalization}"
         held = (str(self).splitlines()[0].removeprefix("scheme: ") if self.scheme
                 else f"norms of no known scheme ({self.num_layers} layers)")
         return (f"holds {held}, not {scheme}"
@@ -106,6 +109,8 @@ class Finding:
         if self.mixln_fraction is not None:
             extra.append(f"{round(self.mixln_fraction * self.num_blocks)} Post-Norm "
                          f"{'blocks' if self.pattern else 'layers'}")
+        if self.normalization != "RMSNorm":
+            extra.append(self.normalization)
         shown = f" ({', '.join(extra)})" if extra else ""
         where = (f"HybridModel, pattern {self.pattern!r}" if self.pattern
                  else f"{self.num_layers} layers")
@@ -160,6 +165,7 @@ class _Layers:
     num_layers: int
     qkv_norm: str | None
     pattern: str | None = None
+    normalization: str = "RMSNorm"
 
 
 def _symbol(rests: set[str]) -> str:
@@ -184,8 +190,11 @@ def _collect(shapes: dict[str, tuple]) -> _Layers:
     stacked_moe = False
     num_layers = 0
     widths = {}
+    kinds = set()
     for key, shape in shapes.items():
         hybrid |= key.startswith("decoder.final_norm.")  # GPTModel's is final_layernorm
+        if key.startswith("decoder.") and ".mixer." not in key and is_norm_parameter(key):
+            kinds.add(key.rsplit("_", 1)[-1].rsplit(".", 1)[-1])  # weight, bias or alpha
         m = _LAYER.match(key)
         if not m:
             continue
@@ -214,8 +223,10 @@ def _collect(shapes: dict[str, tuple]) -> _Layers:
     symbols = {i: _symbol(r) for i, r in names.items()}
     hybrid |= not stacked and any(v in "*-E" for v in symbols.values())
     pattern = "".join(symbols.get(i, "?") for i in range(num_layers)) if hybrid else None
+    kind = "DyT" if "alpha" in kinds else "LayerNorm" if "bias" in kinds else "RMSNorm"
     return _Layers({i: frozenset(stacked | per_layer.get(i, set())) for i in indices},
-                   {i: stacked_moe or i in moe_layers for i in indices}, num_layers, qkv, pattern)
+                   {i: stacked_moe or i in moe_layers for i in indices}, num_layers, qkv, pattern,
+                   kind)
 
 
 def detect_from_keys(shapes: dict[str, tuple]) -> Finding:
@@ -226,9 +237,10 @@ def detect_from_keys(shapes: dict[str, tuple]) -> Finding:
         scheme, fraction = (match_pattern(c.norms, c.pattern) if "?" not in c.pattern
                             else (None, None))
         return Finding(scheme, c.num_layers, c.qkv_norm if scheme else None, fraction, layers,
-                       c.pattern)
+                       c.pattern, c.normalization)
     scheme, fraction = match(layers, [c.moe.get(i, False) for i in range(c.num_layers)])
-    return Finding(scheme, c.num_layers, c.qkv_norm if scheme else None, fraction, layers)
+    return Finding(scheme, c.num_layers, c.qkv_norm if scheme else None, fraction, layers,
+                   normalization=c.normalization)
 
 
 def layer_checkpoint_params(model) -> dict:
@@ -280,6 +292,11 @@ def check_checkpoint(model, path: str | Path) -> None:
 
     saved = detect_checkpoint(path)
     mine = _collect(_model_shapes(model))
+    if saved.normalization != mine.normalization:
+        raise SchemeMismatchError(
+            f"checkpoint {path} holds {saved.normalization} norms, this model's are "
+            f"{mine.normalization}: build it with normalization={saved.normalization!r}, or "
+            "start from a checkpoint of this one")
     for i, keys in mine.norms.items():
         theirs = saved.layers[i] if saved.layers and i < len(saved.layers) else frozenset()
         if theirs != keys or (saved.qkv_norm and mine.qkv_norm != saved.qkv_norm):

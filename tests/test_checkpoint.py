@@ -158,3 +158,25 @@ def test_local_and_te_style_norm_checkpoints_interchange(megatron_single_rank, t
     dist_checkpointing.save(te_like.sharded_state_dict(), str(tmp_path / "te"))
     back = build_gpt(tiny_config(), scheme)
     assert _loss(load(back, tmp_path / "te")) == _loss(local)
+
+
+@pytest.mark.parametrize("saved_as,loaded_as", [("DyT", "RMSNorm"), ("LayerNorm", "RMSNorm"),
+                                                ("RMSNorm", "DyT")])
+def test_a_checkpoint_of_another_norm_kind_is_refused_before_loading(megatron_single_rank,
+                                                                     tmp_path, saved_as,
+                                                                     loaded_as):
+    """Same scheme, other norm kind: megatron-core's loader would take the weights and leave
+    the extra biases or alphas unread, silently; inspect names the kind and the load refuses."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_hybridnorm.inspect import check_checkpoint, detect_checkpoint
+    from megatron_hybridnorm.transformer.layer import SchemeMismatchError
+
+    model = build_gpt(tiny_config(normalization=saved_as), "periln")
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp_path))
+    found = detect_checkpoint(tmp_path)
+    assert (found.scheme, found.normalization) == ("periln", saved_as)
+    assert found.mismatch("periln", normalization=loaded_as) == (
+        f"holds {saved_as} norms, not {loaded_as}")
+    with pytest.raises(SchemeMismatchError, match=f"holds {saved_as} norms"):
+        check_checkpoint(build_gpt(tiny_config(normalization=loaded_as), "periln"), tmp_path)

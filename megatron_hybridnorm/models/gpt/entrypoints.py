@@ -97,7 +97,8 @@ def untested_notes(scheme: str, config, args) -> list[str]:
 
 
 def check_load_matches(scheme: str, options: dict, path: str | None,
-                       module: str = "megatron_hybridnorm.entrypoints") -> list[str]:
+                       module: str = "megatron_hybridnorm.entrypoints",
+                       normalization: str | None = None) -> list[str]:
     """Refuse, before the model exists, to resume a checkpoint of another scheme; returns notes
     for the start-up line (a checkpoint whose scheme cannot be read before loading).
 
@@ -122,11 +123,12 @@ def check_load_matches(scheme: str, options: dict, path: str | None,
                 "python -m megatron_hybridnorm.inspect"]
     s = get_scheme(scheme)
     why = found.mismatch(scheme, options.get("qkv_norm", s.qkv_norm),
-                         s.num_head_layers(found.num_blocks, options.get("mixln_fraction")))
+                         s.num_head_layers(found.num_blocks, options.get("mixln_fraction")),
+                         normalization)
     if why:
         raise SchemeMismatchError(
             f"--load {path} {why}, which --spec {module} {scheme} builds: pass the checkpoint's "
-            "scheme, or another --load")
+            "scheme (and --normalization), or another --load")
     return []
 
 
@@ -172,7 +174,8 @@ def from_megatron_lm(scheme: str, config, module: str) -> tuple[bool, dict, list
     --load of another scheme refused, the switches this package has not run with noted."""
     use_te = getattr(config, "transformer_impl", "transformer_engine") == "transformer_engine"
     options, notes = options_from_env(scheme)
-    notes = notes + check_load_matches(scheme, options, _megatron_lm_load_path(), module)
+    notes = notes + check_load_matches(scheme, options, _megatron_lm_load_path(), module,
+                                       getattr(config, "normalization", None))
     notes = notes + untested_notes(scheme, config, _megatron_lm_args())
     return use_te, options, notes
 

@@ -93,7 +93,8 @@ def load_gpt_checkpoint(model, path: str | Path, hybrid_layer_pattern: str) -> N
 
     folder = checkpoint_folder(Path(path))
     theirs, mine = detect_checkpoint(folder), detect_scheme(model)
-    why = mine.scheme and theirs.mismatch(mine.scheme, mine.qkv_norm, mine.head_blocks)
+    why = mine.scheme and theirs.mismatch(mine.scheme, mine.qkv_norm, mine.head_blocks,
+                                          mine.normalization)
     if why:
         raise SchemeMismatchError(f"{path} {why}, which the model is: build it with the "
                                   "checkpoint's scheme")
