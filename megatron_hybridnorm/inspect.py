@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_hybridnorm.norms.names import is_norm_parameter
+from megatron_hybridnorm.norms.names import DEPTH_SCALE, RESIDUAL_SCALE, is_norm_parameter
 from megatron_hybridnorm.schemes import SCHEMES, LayerNorms, get_scheme
 
 _LAYER = re.compile(r"^decoder\.layers\.(?:(\d+)\.)?(.+)$")
@@ -47,9 +47,6 @@ def layer_norm_keys(lay: LayerNorms, moe: bool) -> frozenset[str]:
                 if on)
     return frozenset(keys)
 
-
-# the layer buffers that say LayerNorm Scaling and DeepNorm (they add no norm weight)
-DEPTH_SCALE, RESIDUAL_SCALE = "depth_scale", "residual_scale_factor"
 
 
 def _is_norm_weight(rest: str) -> bool:

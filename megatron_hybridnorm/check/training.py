@@ -18,7 +18,7 @@ import torch
 
 from megatron_hybridnorm.schemes import get_scheme
 from megatron_hybridnorm.harness.layout_init import gather_full, global_name, layout_invariant_init
-from megatron_hybridnorm.norms.names import is_norm_parameter
+from megatron_hybridnorm.norms.names import DEPTH_SCALE, is_norm_parameter
 from megatron_hybridnorm.check import faults
 from megatron_hybridnorm.check.models import (batch, build_gpt, build_hybrid, randomize_norms,
                                              small_config)
@@ -41,7 +41,7 @@ def layer_slots(layer) -> tuple:
     att = getattr(layer, "self_attention", None)  # an FFN-only layer of a HybridModel: Identity
     name = lambda m: None if m is None else type(m).__name__  # noqa: E731
     slot = lambda m, n: name(getattr(m, n, None))  # noqa: E731
-    scale = getattr(layer, "depth_scale", None)
+    scale = getattr(layer, DEPTH_SCALE, None)
     return (slot(layer, "input_layernorm"), slot(att, "q_layernorm"), slot(att, "k_layernorm"),
             slot(att, "v_layernorm"), slot(layer, "self_attn_output_layernorm"),
             slot(layer, "pre_mlp_layernorm"), slot(layer, "mlp_output_layernorm"),

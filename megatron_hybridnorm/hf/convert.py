@@ -104,7 +104,7 @@ def _refuse_unexpected_model_keys(folder: Path, sharded: dict) -> None:
 def _derived(key: str) -> bool:
     """What each side rebuilds from the layout and is not exported: the layers' saved norm
     layout and the scale buffers of LayerNorm Scaling and DeepNorm."""
-    from megatron_hybridnorm.inspect import DEPTH_SCALE, RESIDUAL_SCALE
+    from megatron_hybridnorm.norms.names import DEPTH_SCALE, RESIDUAL_SCALE
 
     return key.endswith(("_extra_state", f".{DEPTH_SCALE}", f".{RESIDUAL_SCALE}"))
 

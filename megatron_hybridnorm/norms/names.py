@@ -20,6 +20,9 @@ _NORM_PARAMETER = re.compile(
     r"(?:^|\.)(?:\w*layernorm|final_norm|norm)\.(?:weight|bias|alpha)$"  # a norm module's
     r"|(?:^|\.)layer_norm_(?:weight|bias|alpha)$"  # TE's fused norm in a linear (DyT: ours)
 )
+# the layer buffers that say LayerNorm Scaling's depth scale and DeepNorm's residual scale
+# (they add no norm weight; inspect reads them, the HF export rebuilds them)
+DEPTH_SCALE, RESIDUAL_SCALE = "depth_scale", "residual_scale_factor"
 _HEAD_NORM = re.compile(r"(?:^|\.)[qkv]_layernorm\.(?:weight|bias|alpha)$")
 
 

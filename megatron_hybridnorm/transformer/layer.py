@@ -41,6 +41,7 @@ from megatron_hybridnorm import compat
 from megatron_hybridnorm.compat import LayerNormBuilder
 from megatron_hybridnorm.kernels.report import report_after_first_forward
 from megatron_hybridnorm.norms import Norm
+from megatron_hybridnorm.norms.names import DEPTH_SCALE, RESIDUAL_SCALE
 from megatron_hybridnorm.schemes import LayerNorms
 
 
@@ -100,12 +101,12 @@ class HybridTransformerLayer(TransformerLayer):
             self.residual_scale = deepnorm_alpha(num_blocks)
             self.deepnorm_blocks = num_blocks  # what harness.layout_init's redraw scales by
             # saved with the layer, so that a checkpoint says it (inspect, the HF export)
-            self.register_buffer("residual_scale_factor", torch.tensor(self.residual_scale))
+            self.register_buffer(RESIDUAL_SCALE, torch.tensor(self.residual_scale))
             if self.config.perform_initialization:
                 deepnorm_init(self, num_blocks)
         if norms is not None and norms.depth_scaled:
             scale = 1.0 / math.sqrt(block + 1)
-            self.register_buffer("depth_scale", torch.tensor(scale))
+            self.register_buffer(DEPTH_SCALE, torch.tensor(scale))
             for name in ("input_layernorm", "pre_mlp_layernorm"):
                 if isinstance(getattr(self, name), IdentityOp):
                     continue

@@ -15,11 +15,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from megatron_hybridnorm.norms.names import DEPTH_SCALE, RESIDUAL_SCALE
+
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
 # the layer's own: its saved norm layout, and LayerNorm Scaling's and DeepNorm's scale buffers,
 # which both halves of a block hold
-_LAYER_STATE = re.compile(r"decoder\.layers\.(\d+)\.(?:_extra_state|depth_scale|"
-                          r"residual_scale_factor)$")
+_LAYER_STATE = re.compile(
+    rf"decoder\.layers\.(\d+)\.(?:_extra_state|{DEPTH_SCALE}|{RESIDUAL_SCALE})$")
 _FINAL_NORM = ("decoder.final_norm.", "decoder.final_layernorm.")
 _LOCAL_ONLY = "output_layer._extra_state"  # GPT checkpoints omit it
 
