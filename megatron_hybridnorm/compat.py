@@ -17,6 +17,7 @@ Tested on 0.16.1, 0.17.1, 0.18.2, 0.19.2 and 0.20.0 (Megatron-LM main at d98e8a6
 | ``spec_utils.import_module`` on a failed import | logs, returns None | same | same | same | raises ImportError |
 | ``Attention._yarn_concentration_factor`` | absent (computed per call) | absent | absent | present | present |
 | ``TransformerConfig.mlp_chunks_for_training`` | absent | absent | present | present | present |
+| a dist checkpoint's common state (``COMMON_STATE_IN_SHARDS``) | saved to and read from ``common.pt`` | same | same | saved inside the torch_dist shards; ``common.pt`` still read | same |
 | ``finalize_model_grads`` TP reduction | SUM for ``q_layernorm``/``k_layernorm`` names and ``sequence_parallel`` params; AVG for ``average_gradients_across_tp_domain`` | same | same | same | same |
 | the final norm after a layer ``ModuleSpec`` (``transformer_block.LayerNormImpl``) | TE's, Apex's or torch's norm, whichever is installed | same | same | same | same |
 
@@ -119,6 +120,20 @@ def require_gpt_checkpoint_interop() -> None:
         raise ImportError(
             "loading a GPT checkpoint into a HybridModel needs megatron-core >= 0.19 "
             f"(megatron.core.dist_checkpointing.gpt_checkpoint_interop); this is {VERSION}")
+
+
+# -- dist checkpoints -------------------------------------------------------------------------
+# 0.19 moved a dist checkpoint's common state (Megatron-LM's args, iteration, RNG, ...) from
+# common.pt into the torch_dist shards. It still reads common.pt; 0.16 to 0.18 read only that,
+# and fail on a newer checkpoint with a bare FileNotFoundError deep in their loader.
+def _reads_common_state_in_shards() -> bool:
+    from megatron.core.dist_checkpointing import serialization
+
+    return hasattr(serialization, "_legacy_common_state_exists")
+
+
+COMMON_STATE_IN_SHARDS = _reads_common_state_in_shards()
+COMMON_STATE_FILE = "common.pt"
 
 
 # -- Megatron-LM's --spec ---------------------------------------------------------------------

@@ -4,3 +4,7 @@
 
 from megatron_hybridnorm.models.gpt.entrypoints import *  # noqa: F401,F403 - one per scheme
 from megatron_hybridnorm.models.gpt.entrypoints import ENTRY_POINTS  # noqa: F401
+
+from megatron_hybridnorm.models.spec_names import name_the_schemes  # noqa: E402
+
+name_the_schemes(__name__, ENTRY_POINTS)

@@ -112,6 +112,7 @@ def check_load_matches(scheme: str, options: dict, path: str | None,
         return []
     try:
         found = detect_checkpoint(path)
+        check_load_format(path)
     except FileNotFoundError:
         folder = Path(path)
         if not folder.is_dir() or not any(folder.iterdir()):
@@ -130,6 +131,26 @@ def check_load_matches(scheme: str, options: dict, path: str | None,
             f"--load {path} {why}, which --spec {module} {scheme} builds: pass the checkpoint's "
             "scheme (and --normalization), or another --load")
     return []
+
+
+def check_load_format(path: str) -> None:
+    """Refuse, before the model exists, a checkpoint whose format this megatron-core cannot read
+    (saved on 0.19 or later, resumed on 0.16 to 0.18): their loader fails on it deep inside with
+    a bare FileNotFoundError for common.pt."""
+    from megatron_hybridnorm import compat
+    from megatron_hybridnorm.inspect import checkpoint_folder
+
+    folder = checkpoint_folder(Path(path))
+    if not compat.COMMON_STATE_IN_SHARDS and not (folder / compat.COMMON_STATE_FILE).is_file():
+        raise CheckpointFormatError(
+            f"--load {path}: {folder.name} was saved by megatron-core 0.19 or later (its common "
+            f"state inside the shards, no {compat.COMMON_STATE_FILE}), which this megatron-core "
+            f"({compat.VERSION}) cannot read: resume it on megatron-core >= 0.19 (checkpoints "
+            "load on newer versions, not on older ones)")
+
+
+class CheckpointFormatError(RuntimeError):
+    """A --load checkpoint in a format this megatron-core cannot read."""
 
 
 def _rank0() -> bool:
@@ -264,3 +285,7 @@ def _make(scheme: str):
 # one module attribute per scheme, the name --spec gives: prenorm, ..., hybridnorm_star
 ENTRY_POINTS = {s: _make(s) for s in SCHEMES}
 globals().update(ENTRY_POINTS)
+
+from megatron_hybridnorm.models.spec_names import name_the_schemes  # noqa: E402
+
+name_the_schemes(__name__, ENTRY_POINTS)

@@ -42,3 +42,7 @@ def _make(scheme: str) -> ModuleSpec:
 # one module attribute per scheme, the name --spec gives: prenorm, ..., hybridnorm_star
 ENTRY_POINTS = {s: _make(s) for s in SCHEMES}
 globals().update(ENTRY_POINTS)
+
+from megatron_hybridnorm.models.spec_names import name_the_schemes  # noqa: E402
+
+name_the_schemes(__name__, ENTRY_POINTS)
