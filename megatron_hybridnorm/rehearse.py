@@ -143,6 +143,7 @@ def record_losses(path: Path) -> None:
     import json
 
     import megatron.training
+    import torch
     from megatron.training import training
 
     original = training.pretrain
@@ -159,14 +160,33 @@ def record_losses(path: Path) -> None:
                 with open(path, "a") as f:
                     f.write(json.dumps({"iteration": iteration, "microbatch": state["microbatch"],
                                         "dp_rank": ps.get_data_parallel_rank(),
-                                        "loss": loss / tokens}) + "\n")
+                                        "loss": loss / tokens,
+                                        "labels_sum": state["labels"]}) + "\n")
             state["microbatch"] += 1
             return result
         return loss_and_record
 
+    class Peek:
+        """The data iterator, noting a checksum of each batch's labels (the data a loss is of)."""
+
+        def __init__(self, iterator):
+            self.iterator = iterator
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            batch = next(self.iterator)
+            if isinstance(batch, dict) and torch.is_tensor(batch.get("labels")):
+                state["labels"] = int(batch["labels"].long().sum())
+            return batch
+
     def wrap_forward_step(forward_step):
         @functools.wraps(forward_step)
         def forward_step_and_record(data_iterator, model, *args, **kwargs):
+            state["labels"] = None
+            if data_iterator is not None and model.training:
+                data_iterator = Peek(data_iterator)
             output, loss_fn = forward_step(data_iterator, model, *args, **kwargs)
             if not model.training:  # evaluation
                 return output, loss_fn

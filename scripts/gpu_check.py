@@ -220,8 +220,8 @@ def stage_megatron_lm(name: str, out: Path, env, timeout: float, dry: bool) -> d
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
-           "--master-port", str(port), str(ROOT / "scripts" / "pretrain_gpt_wheel.py"),
-           str(folder), *argv]
+           "--master-port", str(port), "-m", "megatron_hybridnorm.rehearse", "--megatron-lm",
+           str(folder), "pretrain_gpt.py", *argv]
     result.update(run(cmd, out / f"{name}.log", timeout, env))
     result.update(parse_training_log((out / f"{name}.log").read_text(), impl))
     result["ok"] = (result["returncode"] == 0 and result["startup_line_found"]

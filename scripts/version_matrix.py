@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -36,10 +37,13 @@ AREAS = {
     "checkpoint": ("dist checkpoints", ["tests/test_checkpoint.py"]),
     "hybrid": ("HybridModel", ["tests/test_hybrid.py"]),
     "entry": ("--spec entry points", ["tests/test_megatron_lm.py", "tests/test_versions.py"]),
+    "loop": ("Megatron-LM's loop", ["tests/test_megatron_lm_loop.py"]),
     "kernels": ("Triton kernels (interpreter)", ["tests/test_kernels.py"]),
 }
-SUBSET = [f for key in ("reference", "tp", "pp", "checkpoint", "hybrid", "entry")
+SUBSET = [f for key in ("reference", "tp", "pp", "checkpoint", "hybrid", "entry", "loop")
           for f in AREAS[key][1]]
+# after every leg: Megatron-LM's checkpoints of each version resumed on the others
+UPGRADES = "tests/test_megatron_lm_upgrades.py"
 # long multi-rank runs whose code paths the rest of the subset already covers on every version
 SLOW_REPEATS = ("test_checkpoint_saved_at_tp2_pp2", "test_two_identical_runs")
 
@@ -48,7 +52,9 @@ LEGS = {
     "0.17.1": dict(mcore="0.17.1"),
     "0.18.2": dict(mcore="0.18.2"),
     "main": dict(mcore="main", cross_checkpoint=True),
-    "torch-2.9.1": dict(mcore="0.19.2", torch="2.9.1", kernels=True),
+    # the same megatron-core as the default: of Megatron-LM's loop, the 1-rank schemes and TP=2
+    "torch-2.9.1": dict(mcore="0.19.2", torch="2.9.1", kernels=True,
+                        loop="trains_every_scheme or resume_at_tp2"),
 }
 
 
@@ -113,7 +119,10 @@ def run_leg(name: str, leg: dict, out: Path, main_wheel: str | None) -> dict:
     env = dict(os.environ, MCORE_MATRIX_LEG="1")  # fewer cases of the multi-rank runs
     if leg.get("cross_checkpoint"):  # a checkpoint of the default version loads here, and back
         env["MCORE_OTHER_PYTHON"] = str(ROOT / ".venv" / "bin" / "python")
-    runs = [(SUBSET, ["-k", " and ".join(f"not {t}" for t in SLOW_REPEATS)])]
+    skip = " and ".join(f"not {t}" for t in SLOW_REPEATS)
+    if leg.get("loop"):  # the loop's selection on this leg: the rest of its file is left out
+        skip = f"{skip} and (not test_megatron_lm_loop or {leg['loop']})"
+    runs = [(SUBSET, ["-k", skip])]
     if leg.get("kernels"):  # the kernels' fast tests (the slow ones are model-level repeats)
         runs.append((AREAS["kernels"][1], ["-m", "not slow"]))
     areas, tails, code = None, [], 0
@@ -134,7 +143,51 @@ def run_leg(name: str, leg: dict, out: Path, main_wheel: str | None) -> dict:
         else:
             code = code or 1
     return dict(leg=name, **versions(python), areas=areas, summary="; ".join(tails),
-                returncode=code, wall_s=round(time.monotonic() - start, 1))
+                returncode=code, wall_s=round(time.monotonic() - start, 1), python=python)
+
+
+def run_upgrades(rows: list[dict], out: Path) -> dict:
+    """Megatron-LM's checkpoints saved on each megatron-core, resumed on every other version:
+    {"versions": [...], "pairs": {"OLD NEW": "resumes" | "refused" | "failed"}, ...}."""
+    pythons = {r["megatron_core"]: r["python"] for r in rows
+               if r.get("python") and not LEGS.get(r["leg"], {}).get("torch")}
+    start = time.monotonic()
+    xml = out / "upgrades.xml"
+    env = dict(os.environ, MCORE_VERSION_PYTHONS=",".join(f"{v}={p}" for v, p in pythons.items()))
+    cmd = [str(ROOT / ".venv" / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider",
+           UPGRADES, f"--junitxml={xml}"]
+    print(f"== upgrades: {' '.join(cmd[1:])} ({', '.join(pythons)})", flush=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    (out / "upgrades.log").write_text(proc.stdout + proc.stderr)
+    tail = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
+    print(f"   {tail}", flush=True)
+    pairs = {}
+    if xml.exists():
+        for case in ET.parse(xml).getroot().iter("testcase"):
+            m = re.search(r"\[([\d.]+)-to-([\d.]+)\]", case.get("name", ""))
+            if not m:
+                continue
+            bad = case.find("failure") is not None or case.find("error") is not None
+            kind = "resumes" if "resumes_on_a_newer" in case.get("name") else "refused"
+            pairs[f"{m[1]} {m[2]}"] = ("failed" if bad else
+                                       "skipped" if case.find("skipped") is not None else kind)
+    versions_ = sorted(pythons, key=lambda v: tuple(int(x) for x in v.split(".")))
+    return dict(versions=versions_, pairs=pairs, summary=tail,
+                returncode=proc.returncode if pairs else 1,
+                wall_s=round(time.monotonic() - start, 1))
+
+
+def upgrades_markdown(upgrades: dict) -> str:
+    """Saved on (rows) x resumed on (columns)."""
+    vs = upgrades["versions"]
+    cells = {"resumes": "resumes, same loss", "refused": "refused before loading",
+             "failed": "**failed**", "skipped": "skipped"}
+    lines = ["| saved on \\ resumed on | " + " | ".join(vs) + " |", "|---|" + "---|" * len(vs)]
+    for old in vs:
+        row = [cells.get(upgrades["pairs"].get(f"{old} {new}"), "-") if old != new else "(saved)"
+               for new in vs]
+        lines.append(f"| {old} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 def default_row(xml: Path) -> dict:
@@ -186,19 +239,25 @@ def main(argv=None) -> int:
             print(f"   {name} could not run: {e}", flush=True)
             rows.append(dict(leg=name, megatron_core=LEGS[name]["mcore"], torch="?", triton=None,
                              areas=None, summary=str(e), returncode=1, wall_s=None))
+    if args.default_xml:
+        rows[0]["python"] = str(ROOT / ".venv" / "bin" / "python")
+    upgrades = run_upgrades(rows, args.out)
+    for r in rows:
+        r.pop("python", None)  # a path on this machine
     result = dict(date=time.strftime("%Y-%m-%d"), machine=f"{platform.machine()}, "
                   f"{os.cpu_count()} CPUs, no GPU" if not _has_gpu() else platform.machine(),
                   python=platform.python_version(), wall_s=round(time.monotonic() - start, 1),
-                  rows=rows)
+                  rows=rows, upgrades=upgrades)
     (args.out / "matrix.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(rows)
+    table = markdown(rows) + "\n\n" + upgrades_markdown(upgrades)
     (args.out / "matrix.md").write_text(table + "\n")
     print(table)
     if args.write_docs:
         DOCS.mkdir(parents=True, exist_ok=True)
         (DOCS / "matrix.json").write_text(json.dumps(result, indent=2) + "\n")
         (DOCS / "matrix.md").write_text(table + "\n")
-    failed = [r["leg"] for r in rows if r["returncode"]]
+    failed = [r["leg"] for r in rows if r["returncode"]] + (
+        ["upgrades"] if upgrades["returncode"] else [])
     if failed:
         print(f"FAILED legs: {', '.join(failed)}", file=sys.stderr)
     totals = {n: sum(a[n] for r in rows for a in (r["areas"] or {}).values())

@@ -97,15 +97,16 @@ def test_readme_versions_table_is_the_version_matrix_run():
     import sys
 
     sys.path.insert(0, str(ROOT / "scripts"))
-    from version_matrix import markdown
+    from version_matrix import markdown, upgrades_markdown
 
     run = json.loads((ROOT / "docs" / "versions" / "matrix.json").read_text())
-    table = markdown(run["rows"])
+    table = markdown(run["rows"]) + "\n\n" + upgrades_markdown(run["upgrades"])
     assert (ROOT / "docs" / "versions" / "matrix.md").read_text().strip() == table
     assert table in (ROOT / "README.md").read_text()
     assert {r["megatron_core"] for r in run["rows"]} >= {"0.16.1", "0.17.1", "0.18.2", "0.19.2",
                                                          "0.20.0"}
     assert all(r["returncode"] == 0 for r in run["rows"]), [r["leg"] for r in run["rows"]]
+    assert run["upgrades"]["returncode"] == 0 and run["upgrades"]["pairs"]
 
 
 def test_version_matrix_counts_a_junit_file(tmp_path):

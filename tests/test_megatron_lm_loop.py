@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import megatron_hybridnorm as mh
 from megatron_hybridnorm import compat
-from megatron_lm_loop import BASE, HYBRID_SPEC, SPEC, folder_state, rehearse, tree_for, version_of
+from megatron_lm_loop import (BASE, HYBRID_SPEC, SPEC, folder_state, importlib_find,
+                              megatron_model_of, rehearse, rehearse_many, tree_for,
+                              version_of)
 
 pytestmark = pytest.mark.slow
 
@@ -47,6 +50,12 @@ class Launches:
         if name not in self.runs:
             self.runs[name] = rehearse(self.out, name, nproc, args, tree=TREE, **kwargs)
         return self.runs[name]
+
+    def many(self, jobs):
+        """Launch those not run yet side by side (1-rank launches two at a time on 2 cores)."""
+        todo = list({job["name"]: dict(job, tree=TREE) for job in jobs
+                     if job["name"] not in self.runs}.values())
+        self.runs.update(rehearse_many(self.out, todo))
 
     def folder(self, name):
         return self.out / name
@@ -79,13 +88,20 @@ def same_losses_after_resume(full, resumed_run, first=6, last=10):
 
 # ---- training ---------------------------------------------------------------------------------
 
-def one_rank(launch, scheme):
+def one_rank_job(launch, scheme):
     extra = saving(launch, f"one_rank_{scheme}") if scheme in ("hybridnorm_star", "prenorm") else []
-    return launch(f"one_rank_{scheme}", 1, [*BASE, *spec(scheme), *extra])
+    return dict(name=f"one_rank_{scheme}", nproc=1, args=[*BASE, *spec(scheme), *extra])
+
+
+def one_rank(launch, scheme):
+    return launch(**one_rank_job(launch, scheme))
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_pretrain_gpt_trains_every_scheme(launch, scheme):
+    # with the launches the resume and refusal tests read
+    launch.many([one_rank_job(launch, s)
+                 for s in dict.fromkeys((*SCHEMES, "hybridnorm_star", "prenorm"))])
     run = one_rank(launch, scheme)
     run.assert_trained()
     assert f"megatron-hybridnorm: built {scheme} on local modules, 4 layers" in run.log
@@ -231,114 +247,77 @@ def test_megatron_lms_checkpoint_is_named_and_exports_with_the_models_logits(
     assert ((got - want).norm() / want.norm()).item() < 1e-5
 
 
-def importlib_find(name):
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(name)
-    except ModuleNotFoundError:
-        return None
-
-
-def megatron_model_of(save_folder):
-    """A Megatron-LM checkpoint in the model megatron-core builds from its saved arguments."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.models.gpt import GPTModel
-    from megatron.training.arguments import core_transformer_config_from_args
-
-    from megatron_hybridnorm.inspect import checkpoint_folder
-
-    folder = checkpoint_folder(save_folder)
-    args = dist_checkpointing.load_common_state_dict(str(folder))["args"]
-    args.tensor_model_parallel_size = args.pipeline_model_parallel_size = 1
-    args.sequence_parallel = False
-    config = core_transformer_config_from_args(args)
-    build = compat.import_module(tuple(args.spec))
-    layer_spec = build(config, vp_stage=None) if compat.SPEC_CALLABLES_ARE_CALLED else build
-    model = GPTModel(config=config, transformer_layer_spec=layer_spec,
-                     vocab_size=args.padded_vocab_size,
-                     max_sequence_length=args.max_position_embeddings,
-                     position_embedding_type=args.position_embedding_type,
-                     rotary_base=args.rotary_base, rotary_percent=args.rotary_percent,
-                     share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights)
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(folder))
-    model.load_state_dict(state["model"])
-    return model.eval()
-
-
 # ---- bad input: refused before the first iteration, --save untouched ---------------------------
 
-def refused(launch, name, args, match, save=None, nproc=1):
-    """The launch exits non-zero before any iteration, says ``match``, and leaves ``--save``'s
-    folder (``save``, made and filled beforehand) as it was."""
-    save = save or launch.folder(name)
-    save.mkdir(parents=True, exist_ok=True)
-    (save / "keep.txt").write_text("a file the refused run must leave alone\n")
-    before = folder_state(save)
-    run = launch(name, nproc, [*args, "--save", str(save), "--save-interval", "5"])
+NO_TE = [a for a in BASE if a not in ("--transformer-impl", "local")]
+PERSIST = [a for a in BASE if a != "--no-persist-layer-norm"]
+OLDER_THAN_0_18 = tuple(int(x) for x in VERSION.split(".")[:2]) < (0, 18)
+OWN_FINAL_NORM = ("this Megatron-LM calls the --spec entry point, which builds the scheme's own "
+                  "final norm (megatron-core's torch norm is not used)")
+# name: (Megatron-LM's arguments, what the refusal says, ranks, why it cannot run here or "")
+REFUSALS = {
+    "unknown_scheme": (
+        [*BASE, *spec("hybridnorm_starr")],
+        f"--spec {SPEC} hybridnorm_starr: {SPEC} has no scheme 'hybridnorm_starr'; its entry "
+        "points are prenorm, ", 1, ""),
+    "spec_module_typo": (  # the runner's own check: Megatron-LM before 0.20 would fall back
+        [*BASE, "--spec", "megatron_hybridnorm.entrypoint", "hybridnorm"],
+        "megatron_hybridnorm.entrypoint does not import", 1,
+        "the runner's own check, the same on every version" if LEG else ""),
+    "te_without_te": (
+        [*NO_TE, *spec("hybridnorm_star"), "--transformer-impl", "transformer_engine"],
+        "--transformer-impl local", 1,
+        "Transformer Engine is installed" if importlib_find("transformer_engine") else ""),
+    "mtp": (
+        [*BASE, *spec("hybridnorm_star"), "--mtp-num-layers", "1"], "unset --mtp-num-layers", 1,
+        "Megatron-LM core_v0.16/0.17's gpt_builders.py fails on --spec with --mtp-num-layers "
+        "before any spec is built (UnboundLocalError: use_te)" if OLDER_THAN_0_18 else ""),
+    "load_other_scheme": (  # --load and --save one folder, as a resumed job has them
+        [*BASE, *spec("hybridnorm_star"), "--load", "{prenorm}"], "--load {prenorm} holds prenorm",
+        1, ""),
+    "sp_torch_final_norm": (
+        [*BASE, *spec("hybridnorm_star"), "--tensor-model-parallel-size", "2",
+         "--sequence-parallel"], "drop --sequence-parallel", 2, OWN_FINAL_NORM if SP else ""),
+    "persist_layer_norm": (  # Megatron-LM's default
+        [*PERSIST, *spec("hybridnorm_star")], "pass --no-persist-layer-norm", 1,
+        OWN_FINAL_NORM if SP else ""),
+}
+
+
+def refusal_runs(launch):
+    """Every refusal launch that can run here, side by side; each --save folder made and filled
+    beforehand, its state noted: {name: (run, save folder, its state before)}."""
+    if "refusals" not in launch.runs:
+        launch.many([one_rank_job(launch, "prenorm")])
+        prenorm = str(launch.folder("one_rank_prenorm"))
+        jobs, saves = [], {}
+        for name, (args, _, nproc, why_not) in REFUSALS.items():
+            if why_not:
+                continue
+            save = Path(prenorm) if name == "load_other_scheme" else launch.folder(name)
+            save.mkdir(parents=True, exist_ok=True)
+            (save / f"keep_{name}.txt").write_text("a file the refused run must leave alone\n")
+            saves[name] = (save, folder_state(save))
+            args = [a.format(prenorm=prenorm) for a in args]
+            jobs.append(dict(name=name, nproc=nproc,
+                             args=[*args, "--save", str(save), "--save-interval", "5"]))
+        launch.many(jobs)
+        launch.runs["refusals"] = {n: (launch.runs[n], *saves[n]) for n in saves}
+    return launch.runs["refusals"], str(launch.folder("one_rank_prenorm"))
+
+
+@pytest.mark.parametrize("name", REFUSALS)
+def test_bad_input_is_refused_before_the_first_iteration(launch, name):
+    """Exit non-zero before any iteration, say what to change, leave --save's folder as it was
+    (for load_other_scheme, the prenorm checkpoint the run was pointed at)."""
+    if REFUSALS[name][3]:
+        pytest.skip(REFUSALS[name][3])
+    runs, prenorm = refusal_runs(launch)
+    run, save, before = runs[name]
     assert run.returncode != 0, run.tail()
     assert not run.logged, run.tail()
-    assert match in run.log, run.tail()
+    assert REFUSALS[name][1].format(prenorm=prenorm) in run.log, run.tail()
     assert folder_state(save) == before
-    return run
-
-
-def test_an_unknown_scheme_is_refused_naming_the_schemes(launch):
-    refused(launch, "unknown_scheme", [*BASE, *spec("hybridnorm_starr")],
-            f"--spec {SPEC} hybridnorm_starr: {SPEC} has no scheme 'hybridnorm_starr'; its "
-            "entry points are prenorm, ")
-
-
-def test_a_spec_module_that_does_not_import_is_refused(launch):
-    run = refused(launch, "spec_module_typo",
-                  [*BASE, "--spec", "megatron_hybridnorm.entrypoint", "hybridnorm"],
-                  "megatron_hybridnorm.entrypoint does not import")
-    assert "would log this and train its default Pre-Norm model" in run.log
-
-
-def test_transformer_engine_without_it_is_refused_naming_the_flag(launch):
-    if importlib_find("transformer_engine") is not None:
-        pytest.skip("Transformer Engine is installed")
-    args = [a for a in BASE if a != "--transformer-impl" and a != "local"]
-    refused(launch, "te_without_te", [*args, *spec("hybridnorm_star"),
-                                      "--transformer-impl", "transformer_engine"],
-            "--transformer-impl local")
-
-
-def test_multi_token_prediction_is_refused(launch):
-    refused(launch, "mtp", [*BASE, *spec("hybridnorm_star"), "--mtp-num-layers", "1"],
-            "unset --mtp-num-layers")
-
-
-def test_a_checkpoint_of_another_scheme_is_refused_before_loading(launch):
-    """--load and --save the same folder, as a resumed job has them: the prenorm checkpoint in
-    it stays as it was."""
-    assert one_rank(launch, "prenorm").returncode == 0
-    folder = launch.folder("one_rank_prenorm")
-    refused(launch, "load_other_scheme", [*BASE, *spec("hybridnorm_star"), "--load",
-                                          str(folder)],
-            f"--load {folder} holds prenorm", save=folder)
-
-
-OWN_FINAL_NORM = pytest.mark.skipif(
-    bool(SP), reason="this Megatron-LM calls the --spec entry point, which builds the scheme's "
-    "own final norm (megatron-core's torch norm is not used)")
-
-
-@OWN_FINAL_NORM
-def test_sequence_parallel_with_megatrons_torch_final_norm_is_refused(launch):
-    refused(launch, "sp_torch_final_norm", [*BASE, *spec("hybridnorm_star"),
-                                            "--tensor-model-parallel-size", "2",
-                                            "--sequence-parallel"],
-            "drop --sequence-parallel", nproc=2)
-
-
-@OWN_FINAL_NORM
-def test_persist_layer_norm_with_megatrons_torch_final_norm_is_refused(launch):
-    """Megatron-LM's default: without --no-persist-layer-norm, refused with the flag to pass."""
-    args = [a for a in BASE if a != "--no-persist-layer-norm"]
-    refused(launch, "persist_layer_norm", [*args, *spec("hybridnorm_star")],
-            "pass --no-persist-layer-norm")
 
 
 if __name__ == "__main__":
