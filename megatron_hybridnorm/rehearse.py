@@ -30,15 +30,14 @@ ENV = "MEGATRON_LM"
 
 
 class RehearsalError(SystemExit):
-    """A launch this runner refuses before Megatron-LM starts: exit 2 with the fix."""
+    """A launch this runner refuses before Megatron-LM starts: exit 1 with the fix."""
 
     def __init__(self, message: str):
         super().__init__(f"hybridnorm-rehearse: error: {message}")
 
 
-def find_megatron_lm(flag: str | None, script: str) -> Path:
-    """The folder holding Megatron-LM's ``script``: the flag, else $MEGATRON_LM."""
-    where = flag or os.environ.get(ENV)
+def find_megatron_lm(where: str | None, script: str) -> Path:
+    """The folder holding Megatron-LM's ``script`` (--megatron-lm, else $MEGATRON_LM)."""
     if not where:
         raise RehearsalError(
             f"where is Megatron-LM? pass --megatron-lm DIR or set {ENV}=DIR, DIR a Megatron-LM "
@@ -218,32 +217,29 @@ def cpu_arguments(args: list[str]) -> tuple[list[str], list[str]]:
                                                       "GPUs)"]
 
 
-def parse(argv: list[str]) -> tuple[str | None, str | None, str, list[str]]:
-    """(--megatron-lm DIR, --losses FILE, script, its arguments): everything after the script is
-    Megatron-LM's."""
-    own = {"--megatron-lm": None, "--losses": None}
-    i = 0
-    while i < len(argv) and argv[i] not in SCRIPTS:
-        flag, _, value = argv[i].partition("=")
-        if flag in own and (value or i + 1 < len(argv)):
-            own[flag] = value or argv[i + 1]
-            i += 1 if value else 2
-        elif argv[i] in ("-h", "--help"):
-            print(__doc__)
-            raise SystemExit(0)
-        else:
-            raise RehearsalError(f"unexpected {argv[i]!r}: usage: python -m "
-                                 "megatron_hybridnorm.rehearse [--megatron-lm DIR] [--losses FILE] "
-                                 f"{{{','.join(SCRIPTS)}}} [its arguments]")
-    if i == len(argv):
-        raise RehearsalError(f"name the script to rehearse: {' or '.join(SCRIPTS)}, then its "
-                             "arguments")
-    return own["--megatron-lm"], own["--losses"], argv[i], argv[i + 1:]
+def parser():
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m megatron_hybridnorm.rehearse",
+        description="Rehearse a Megatron-LM launch on the CPU: its own script, unchanged, with "
+                    "this package's --spec (under torchrun for several ranks)",
+        epilog="Everything after the script's name is Megatron-LM's command line.")
+    p.add_argument("--megatron-lm", metavar="DIR", default=os.environ.get(ENV),
+                   help=f"the Megatron-LM tree (a checkout of the tag of the installed "
+                        f"megatron-core); default ${ENV}")
+    p.add_argument("--losses", metavar="FILE", type=Path,
+                   help="append each training microbatch's loss here (JSON lines), to compare "
+                        "a resumed run with an uninterrupted one")
+    p.add_argument("script", choices=SCRIPTS)
+    p.add_argument("args", nargs=argparse.REMAINDER, help="Megatron-LM's arguments")
+    return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    folder, losses, script, args = parse(sys.argv[1:] if argv is None else argv)
-    root = find_megatron_lm(folder, script)
+    ns = parser().parse_args(argv)
+    losses, script, args = ns.losses, ns.script, ns.args
+    root = find_megatron_lm(ns.megatron_lm, script)
     world_of_one()
     import torch
 
@@ -269,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         for line in done + changed:
             print(f"hybridnorm-rehearse: stand-in: {line}", flush=True)
     if losses:
-        record_losses(Path(losses))
+        record_losses(losses)
     sys.argv = [str(root / script), *args]
     runpy.run_path(sys.argv[0], run_name="__main__")
 

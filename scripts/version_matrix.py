@@ -36,7 +36,8 @@ AREAS = {
     "pp": ("PP=2 / VPP = 1 rank", ["tests/test_pipeline.py"]),
     "checkpoint": ("dist checkpoints", ["tests/test_checkpoint.py"]),
     "hybrid": ("HybridModel", ["tests/test_hybrid.py"]),
-    "entry": ("--spec entry points", ["tests/test_megatron_lm.py", "tests/test_versions.py"]),
+    "entry": ("--spec entry points", ["tests/test_megatron_lm.py", "tests/test_versions.py",
+                                      "tests/test_rehearse.py"]),
     "loop": ("Megatron-LM's loop", ["tests/test_megatron_lm_loop.py"]),
     "kernels": ("Triton kernels (interpreter)", ["tests/test_kernels.py"]),
 }

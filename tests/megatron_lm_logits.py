@@ -49,7 +49,8 @@ def main(tree: str, folders: list[str]) -> None:
         torch.manual_seed(1)  # weights unlike any checkpoint's until it loads
         model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=256,
                          max_sequence_length=64, position_embedding_type="rope",
-                         rotary_base=args.rotary_base)
+                         rotary_base=args.rotary_base,
+                         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights)
         path = str(checkpoint_folder(__import__("pathlib").Path(folder)))
         state = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)
         model.load_state_dict(state["model"])

@@ -198,6 +198,13 @@ def validate(cmd: str) -> str:
                     pytest.skip(f"the layout check of this TE command needs TE: {e}")
                 return "hybridnorm-check's parser and layout check"
             assert module.startswith("megatron_hybridnorm."), cmd
+            if module == "megatron_hybridnorm.rehearse":  # and the command it rehearses
+                from megatron_hybridnorm.rehearse import parser as rehearse_parser
+
+                inner = rehearse_parser().parse_args(rest).args
+                if "--spec" in inner:
+                    _spec_entry(inner)
+                return "the runner's parser, the --spec entry point and Megatron-LM's flags"
             main = _module_main(module)
             if rest:  # with no arguments the prose names the command; it exists
                 _parse_only(main, [a for a in rest if a != "..."])
@@ -235,9 +242,10 @@ def test_command_is_accepted(page, cmd, megatron_single_rank):
 
 def test_every_flag_named_in_prose_exists(megatron_single_rank):
     from megatron_hybridnorm.check.cli import parser as check_parser
+    from megatron_hybridnorm.rehearse import parser as rehearse_parser
     from megatron_hybridnorm.train.cli import parser as train_parser
 
-    known = {s for p in (train_parser(), check_parser()) for a in p._actions
+    known = {s for p in (train_parser(), check_parser(), rehearse_parser()) for a in p._actions
              for s in a.option_strings}
     known |= megatron_lm_flags()
     known |= {"--nproc-per-node", "--collect-only", "--dry-run", "--from", "--if-missing"}

@@ -157,12 +157,13 @@ def test_the_public_paths_keep_working():
     for module in ("megatron_hybridnorm.entrypoints", "megatron_hybridnorm.hybrid.entrypoints"):
         for scheme in SCHEMES:  # what Megatron-LM's --spec MODULE NAME imports
             assert compat.import_module((module, scheme)) is not None, (module, scheme)
-    for module in ("inspect", "check", "hf", "train", "train.corpora", "train.summary"):
+    for module in ("inspect", "check", "hf", "train", "train.corpora", "train.summary",
+                   "rehearse"):
         out = subprocess.run([sys.executable, "-m", f"megatron_hybridnorm.{module}", "--help"],
                              capture_output=True, text=True, env={**os.environ, "WORLD_SIZE": "1"})
         assert out.returncode == 0 and "usage:" in out.stdout, (module, out.stderr[-2000:])
     bin_dir = os.path.dirname(sys.executable)
-    for script in ("hybridnorm-train", "hybridnorm-check"):
+    for script in ("hybridnorm-train", "hybridnorm-check", "hybridnorm-rehearse"):
         out = subprocess.run([os.path.join(bin_dir, script), "--help"], capture_output=True,
                              text=True)
         assert out.returncode == 0 and "usage:" in out.stdout, (script, out.stderr[-2000:])

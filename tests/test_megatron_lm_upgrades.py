@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_lm_loop import BASE, SPEC, rehearse, tree_for
+from megatron_lm_loop import BASE, SPEC, rehearse_many, tree_for
 
 pytestmark = pytest.mark.slow
 
@@ -43,6 +43,8 @@ if MISSING:
 VERSIONS = list(PYTHONS)
 PAIRS = [(old, new) for i, old in enumerate(VERSIONS) for new in VERSIONS[i + 1:]]
 NEW_FORMAT = (0, 19)  # common state inside the shards, from 0.19
+DOWNGRADES = [(new, old) for old, new in PAIRS
+              if _key(new)[:2] >= NEW_FORMAT and _key(old)[:2] < NEW_FORMAT]
 
 
 def _spec(scheme="hybridnorm_star"):
@@ -53,15 +55,34 @@ def _spec(scheme="hybridnorm_star"):
 def saved(tmp_path_factory):
     """{version: Megatron-LM's save folder}: 10 iterations, saved at 5 and 10."""
     out = tmp_path_factory.mktemp("upgrades")
-    folders = {}
-    for v in VERSIONS:
-        folder = out / f"saved_on_{v}"
-        run = rehearse(out, f"save_{v}", 1, [*BASE, *_spec(), "--save", str(folder),
-                                             "--save-interval", "5"],
-                       python=PYTHONS[v], tree=TREES[v][0])
+    folders = {v: out / f"saved_on_{v}" for v in VERSIONS}
+    runs = rehearse_many(out, [dict(name=f"save_{v}", nproc=1, python=PYTHONS[v],
+                                    tree=TREES[v][0], args=[*BASE, *_spec(), "--save",
+                                                            str(folders[v]), "--save-interval",
+                                                            "5"]) for v in VERSIONS])
+    for run in runs.values():
         run.assert_trained()
-        folders[v] = folder
     return out, folders
+
+
+def _loads(saved, pairs, kind):
+    """{(saved on, loaded on): Megatron-LM resuming that checkpoint from iteration 5}."""
+    out, folders = saved
+    jobs = [dict(name=f"{kind}_{old}_on_{new}", nproc=1, python=PYTHONS[new], tree=TREES[new][0],
+                 args=[*BASE, *_spec(), "--load", str(folders[old]), "--ckpt-step", "5"])
+            for old, new in pairs]
+    runs = rehearse_many(out, jobs)
+    return {(old, new): runs[f"{kind}_{old}_on_{new}"] for old, new in pairs}
+
+
+@pytest.fixture(scope="module")
+def resumed(saved):
+    return _loads(saved, PAIRS, "resume")
+
+
+@pytest.fixture(scope="module")
+def refused(saved):
+    return _loads(saved, DOWNGRADES, "refuse")
 
 
 @pytest.fixture(scope="module")
@@ -85,27 +106,17 @@ def losses(saved):
 
 
 @pytest.mark.parametrize("old,new", PAIRS, ids=[f"{o}-to-{n}" for o, n in PAIRS])
-def test_a_checkpoint_resumes_on_a_newer_version(saved, losses, old, new):
-    out, folders = saved
-    run = rehearse(out, f"resume_{old}_on_{new}", 1,
-                   [*BASE, *_spec(), "--load", str(folders[old]), "--ckpt-step", "5"],
-                   python=PYTHONS[new], tree=TREES[new][0])
+def test_a_checkpoint_resumes_on_a_newer_version(resumed, losses, old, new):
+    run = resumed[old, new]
     assert run.returncode == 0, run.tail()
     assert sorted(run.logged) == [6, 7, 8, 9, 10], run.tail()
     # the same weights: the newer version's model of the checkpoint computes the saver's loss
     assert abs(losses[old, new] - losses[old, old]) < 1e-6, (losses[old, new], losses[old, old])
 
 
-DOWNGRADES = [(new, old) for old, new in PAIRS
-              if _key(new)[:2] >= NEW_FORMAT and _key(old)[:2] < NEW_FORMAT]
-
-
 @pytest.mark.parametrize("new,old", DOWNGRADES, ids=[f"{n}-to-{o}" for n, o in DOWNGRADES])
-def test_a_newer_format_checkpoint_is_refused_on_an_older_version(saved, new, old):
-    out, folders = saved
-    run = rehearse(out, f"refuse_{new}_on_{old}", 1,
-                   [*BASE, *_spec(), "--load", str(folders[new]), "--ckpt-step", "5"],
-                   python=PYTHONS[old], tree=TREES[old][0])
+def test_a_newer_format_checkpoint_is_refused_on_an_older_version(refused, new, old):
+    run = refused[new, old]
     assert run.returncode != 0 and not run.logged, run.tail()
     assert "was saved by megatron-core 0.19 or later" in run.log, run.tail()
     assert "resume it on megatron-core >= 0.19" in run.log
