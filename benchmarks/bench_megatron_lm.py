@@ -111,7 +111,10 @@ def main(argv=None) -> int:
         date=time.strftime("%Y-%m-%d"), machine=f"{cpu_name()}, {os.cpu_count()} cores "
         f"({platform.machine()})", gpu=torch.cuda.is_available(),
         python=platform.python_version(), torch=torch.__version__.split("+")[0],
-        megatron_core=megatron.core.__version__.split("+")[0], command=" ".join(["python", *sys.argv]),
+        megatron_core=megatron.core.__version__.split("+")[0],
+        megatron_lm=Path(args.megatron_lm).resolve().name,  # the tree's folder: its tag
+        command=" ".join(["python", *("<Megatron-LM tree>" if a == args.megatron_lm else a
+                                      for a in sys.argv)]),
         model=MODEL, iters=args.iters, warmup=args.warmup, rounds=args.rounds,
         samples={k: len(v) for k, v in times.items()},
         median_ms={k: round(v, 2) for k, v in medians.items()}, round_medians_ms=rounds,

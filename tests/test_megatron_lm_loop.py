@@ -268,6 +268,9 @@ REFUSALS = {
         [*NO_TE, *spec("hybridnorm_star"), "--transformer-impl", "transformer_engine"],
         "--transformer-impl local", 1,
         "Transformer Engine is installed" if importlib_find("transformer_engine") else ""),
+    "dyt": (  # DyT on TE is ours to refuse; Megatron-LM's parser offers no DyT to begin with
+        [*[a if a != "RMSNorm" else "DyT" for a in BASE], *spec("hybridnorm_star")],
+        "invalid choice: 'DyT'", 1, ""),
     "mtp": (
         [*BASE, *spec("hybridnorm_star"), "--mtp-num-layers", "1"], "unset --mtp-num-layers", 1,
         "Megatron-LM core_v0.16/0.17's gpt_builders.py fails on --spec with --mtp-num-layers "

@@ -11,6 +11,11 @@ from helpers import SEQ, batch, build_gpt, randomize_norms, rel_err, tiny_config
 import reference
 
 TOL = 1e-5
+# DyT's Q/K norm parameters get gradients of about 1e-7 (with_attention_signal): float32 sums of
+# them came to 1.1e-5 and 1.5e-5 of the float64 reference on an Intel Xeon (2026-12-07), under
+# 1e-5 on the AMD EPYC that CI ran on before. A wrong placement is off by far more (the negative
+# controls below: 1e-2 and up).
+TOL_DYT = 3e-5
 
 
 def compare_to_reference(model, scheme, config, ref_scheme=None, **ref_options):
@@ -89,7 +94,8 @@ def test_matches_reference(megatron_single_rank, scheme, qkv_norm, normalization
     if normalization == "DyT":
         with_attention_signal(model)
     worst, errs = compare_to_reference(model, scheme, config, qkv_norm=qkv_norm)
-    assert worst < TOL, {k: v for k, v in errs.items() if v >= TOL}
+    tol = TOL_DYT if normalization == "DyT" else TOL
+    assert worst < tol, {k: v for k, v in errs.items() if v >= tol}
     # the comparison covered every parameter, norms included
     assert any("v_layernorm" in k for k in errs) == (scheme.startswith("hybridnorm"))
 
