@@ -36,9 +36,12 @@ if [ ! -f "$STAMP" ]; then
   "$VENV/bin/python" -m pip install -q -e ".[test,hf]"
   rm -f "$VENV"/.installed-* && touch "$STAMP"
 fi
-# the second corpus (--corpus austen), once into the cache, so that runs and tests need no network
+# the second corpus (--corpus austen), once into the cache (apt-get download, by name), so that
+# runs and tests need no network; where that fails the set-up still completes
 "$VENV/bin/python" -m megatron_hybridnorm.train.corpora fetch austen --if-missing ||
-  echo "warning: could not fetch the austen corpus; --corpus austen and its tests wait for it" >&2
+  echo "warning: the austen corpus was not fetched (the reason is above): --corpus austen is" \
+    "unavailable and its tests skip until 'python -m megatron_hybridnorm.train.corpora fetch" \
+    "austen' succeeds" >&2
 
 cmd=${1:-}
 shift || true

@@ -7,21 +7,46 @@ ROOT = Path(__file__).resolve().parents[1]
 OUTSIDE = ("HYBRIDNORM.md", "../shared", "shared/gpu", "shared/seed")
 
 
-def test_nothing_cites_a_file_outside_the_repository():
+def tracked_texts():
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
                            check=True).stdout.split()
-    hits = []
     for name in files:
+        try:
+            yield name, (ROOT / name).read_text()
+        except (UnicodeDecodeError, FileNotFoundError):
+            continue
+
+
+def test_nothing_cites_a_file_outside_the_repository():
+    hits = []
+    for name, text in tracked_texts():
         if name == "tests/test_docs.py":
             continue
         if name == ".ci/run":  # takes the megatron-core 0.20 wheel from the folder CI lays
             continue           # beside the clone (PyPI has none); it cites nothing
-        try:
-            text = (ROOT / name).read_text()
-        except (UnicodeDecodeError, FileNotFoundError):
-            continue
         hits += [f"{name}: {needle}" for needle in OUTSIDE if needle in text]
     assert not hits, hits
+
+
+def test_no_package_archive_is_named_anywhere():
+    """Packages come through their own clients by name (pip, apt-get download), never from an
+    archive's address: none appears in code, docs, tests or messages. Checked by shape, so this
+    test names no host itself."""
+    import re
+
+    shapes = {
+        "a URL of a package file": re.compile(
+            r"[a-z]+://\S+?\.(?:deb|rpm|whl|apk|tar\.(?:gz|xz|zst)|zip)\b", re.I),
+        "an archive's pool/ path": re.compile(r"\bpool/(?:main|contrib|non-free|universe)/"),
+        "a Debian or Ubuntu archive host": re.compile(
+            r"\b(?:deb|ftp\d*|archive|security|ports)\.(?:debian|ubuntu)\.(?:org|com)\b"),
+        "a PyPI file host": re.compile(r"\bfiles\.pythonhosted\.org\b"),
+    }
+    hits = [f"{name}: {what}" for name, text in tracked_texts()
+            for what, shape in shapes.items() if shape.search(text)]
+    assert not hits, hits
+    corpora = (ROOT / "megatron_hybridnorm" / "train" / "corpora.py").read_text()
+    assert "urlopen" not in corpora and "urllib" not in corpora and "apt-get download" in corpora
 
 
 def test_readme_scheme_table_is_the_scheme_descriptions():

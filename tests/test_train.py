@@ -13,6 +13,7 @@ import torch
 
 from megatron_hybridnorm.train import cli
 from megatron_hybridnorm.train.data import DataError, indexed_corpus, load_corpus
+from megatron_hybridnorm.train.machine import cpu_line, describe_cpu
 
 SMALL = ["--layers", "2", "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--seq-len", "32",
          "--batch-size", "4", "--eval-interval", "2", "--eval-batches", "1",
@@ -250,6 +251,11 @@ def test_default_run_learns_in_under_six_minutes(tmp_path):
                                               "val_loss", "grad_norm", "tokens_per_s", "lr"}
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["args"]["layers"] == 6 and cfg["args"]["hidden"] == 256
+    # the machine, so that two runs' figures can be told apart by CPU: in config.json and in
+    # the run's first line
+    assert cfg["cpu"] == describe_cpu() and cfg["cpu"]["model"]
+    first = out.stdout.lstrip().splitlines()[0]
+    assert first.startswith("run ") and first.endswith(f"cpu: {cpu_line(cfg['cpu'])}"), first
     # quiet: none of megatron-core's import-time fallback warnings, and the norms' kernel paths
     # collected into the run folder and named once, after the tables, not inside a bar
     both = out.stdout + out.stderr
@@ -290,6 +296,19 @@ def test_micro_batches_do_not_change_the_reported_loss(tmp_path):
     for a, b in zip(train_losses(tmp_path / "m1", "hybridnorm"),
                     train_losses(tmp_path / "m2", "hybridnorm")):
         assert abs(a - b) <= 1e-5 * abs(a)
+
+
+def test_the_cpu_is_described_from_cpuinfo():
+    x86 = ("processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse4_2 avx avx2 fma "
+           "f16c\n\nprocessor\t: 1\nmodel name\t: AMD EPYC 7B13\n")
+    cpu = describe_cpu(x86)
+    assert cpu["model"] == "AMD EPYC 7B13"
+    assert cpu["vector_extensions"] == ["sse4_2", "avx", "avx2", "fma", "f16c"]  # no AVX-512
+    assert cpu["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert cpu_line(cpu) == (f"AMD EPYC 7B13 (sse4_2 avx avx2 fma f16c; torch's CPU kernels: "
+                             f"{cpu['torch_cpu_capability']})")
+    arm = describe_cpu("processor\t: 0\nFeatures\t: fp asimd evtstrm asimdhp sve\n")
+    assert arm["vector_extensions"] == ["asimd", "asimdhp", "sve"] and arm["model"]
 
 
 def test_help_shows_every_default():

@@ -333,6 +333,7 @@ def main(argv=None) -> int:
     from megatron_hybridnorm.train.checkpoint import CheckpointDamaged
     from megatron_hybridnorm.train.data import BYTE_VOCAB, DataError, get_batch, load_corpus
     from megatron_hybridnorm.train.log import RunLog, read_jsonl
+    from megatron_hybridnorm.train.machine import cpu_line, describe_cpu
     from megatron_hybridnorm.train.loop import SchemeRun
     from megatron_hybridnorm.train.plots import plot
     from megatron_hybridnorm.train.runs import run_keys, tag
@@ -363,6 +364,7 @@ def main(argv=None) -> int:
     progress = Progress(main_rank, args.steps, max(len(tag(args, k)) for k in keys))
     log = RunLog(folder, printer=progress.write)
     outcomes_path = folder / "outcomes.json"
+    cpu = describe_cpu()
     if main_rank:
         folder.mkdir(parents=True, exist_ok=True)
         if not args.resume:
@@ -371,11 +373,12 @@ def main(argv=None) -> int:
                 args=saved, world_size=dist.world_size(), device=str(device),
                 device_name=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                 corpus=corpus.description, vocab_size=corpus.vocab_size, versions=versions(),
+                cpu=cpu,
             ), indent=2))
     outcomes = json.loads(outcomes_path.read_text()) if outcomes_path.is_file() else {}
     log.note(f"run {folder} on {dist.world_size()} x {device.type} "
              f"(tp {args.tp}, pp {args.pp}, dp {args.dp}{', sp' if args.sp else ''}), {args.dtype}; "
-             f"data: {corpus.description}")
+             f"data: {corpus.description}; cpu: {cpu_line(cpu)}")
 
     diverged, samples = {}, {}
     prompt = get_batch(corpus.val, args.seed + 1, 0, 1, min(32, args.seq_len // 2))[0]

@@ -3,11 +3,13 @@
 - ``stdlib`` (the default): the running Python's standard library, code, read as bytes.
 - ``austen``: Jane Austen's six novels, English prose, 4.0 MB. They come from Debian's package
   ``r-cran-janeaustenr`` 1.0.0-1 (bookworm; the R package janeaustenr by Julia Silge, MIT
-  licence; the novels, published 1811-1818, are in the public domain). ``fetch`` downloads the
-  1.6 MB package once (its SHA-256 pinned below), or takes a copy of it with ``--from``, and
-  writes one text file per novel to the cache (and keeps the package there); training reads only
-  the cache. Each chapter is a document, so the validation split (every 20th document) holds
-  whole chapters.
+  licence; the novels, published 1811-1818, are in the public domain). ``fetch`` gets the 1.6 MB
+  package through the system's own client, ``apt-get download``, by name and version (so through
+  whatever mirror or proxy the machine uses), or takes a copy of it with ``--from``. It writes
+  one text file per novel to the cache, each checked against its pinned SHA-256: the pin is on
+  the texts the studies read, so a rebuilt package with the same texts passes and a changed text
+  does not. Training reads only the cache. Each chapter is a document, so the validation split
+  (every 20th document) holds whole chapters.
 
     python -m megatron_hybridnorm.train.corpora fetch austen [--from FILE.deb]
 """
@@ -18,38 +20,59 @@ import argparse
 import hashlib
 import io
 import json
+import lzma
 import os
 import re
+import shutil
+import subprocess
 import sys
 import tarfile
 import tempfile
-import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_hybridnorm.train.data import (BYTE_VOCAB, Corpus, DataError, TokenStream, _split,
                                             documents_up_to, stdlib_corpus)
+from megatron_hybridnorm.train.rdata import RDataError, lazyload_strings
 
 
 @dataclass(frozen=True)
-class DebianSource:
-    package: str
-    url: str
-    sha256: str
+class DebianPackage:
+    name: str
+    version: str
+    release: str
     licence: str
+    texts: dict[str, str]  # text name -> SHA-256 of its UTF-8 bytes as written to the cache
+
+    @property
+    def spec(self) -> str:
+        """What ``apt-get download`` takes: exactly this version."""
+        return f"{self.name}={self.version}"
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}_{self.version}_all.deb"
+
+    def describe(self) -> str:
+        return f"{self.name} {self.version} ({self.release})"
 
 
-AUSTEN = DebianSource(
-    package="r-cran-janeaustenr 1.0.0-1 (Debian bookworm)",
-    url="http://deb.debian.org/debian/pool/main/r/r-cran-janeaustenr/"
-        "r-cran-janeaustenr_1.0.0-1_all.deb",
-    sha256="df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95",
+AUSTEN = DebianPackage(
+    name="r-cran-janeaustenr", version="1.0.0-1", release="Debian bookworm",
     licence="package: MIT (Julia Silge); the novels (1811-1818): public domain",
-)
-AUSTEN_NOVELS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma",
-                 "northangerabbey", "persuasion")  # in order of publication
+    texts={  # in order of publication
+        "sensesensibility": "105e1651fe93bed7130078578efd31e0c557d68667ba672ddc876f735b30fe09",
+        "prideprejudice": "dfc684d4f857fa938268f9ab9c5567b64bd0691251eca959644adeabe6287a4d",
+        "mansfieldpark": "98bc90519cdf4ef663ad7de2734bb529435ef24f7abbde6bb1a50898871dafe9",
+        "emma": "7c67b5985c6d0de1efaeb5d342d52cb82c38083c40e2295129e30e87ee690ebe",
+        "northangerabbey": "51f91bbe0517db8e65cff009b097ce0a1836124c4e0532ac19e6c0cad982abed",
+        "persuasion": "8061549557aebd2fd6e353d18d9197cb707029112bd52d4d8b174583a925848a",
+    })
+AUSTEN_NOVELS = tuple(AUSTEN.texts)
 CHAPTER = re.compile(r"(?m)^(?=(?:CHAPTER|Chapter) [0-9IVXLC]+\.?[ \t]*$)")
 NAMES = ("stdlib", "austen")
+FETCH = "python -m megatron_hybridnorm.train.corpora fetch austen"
 
 
 def cache_dir() -> Path:
@@ -57,65 +80,106 @@ def cache_dir() -> Path:
     return Path(root) / "megatron-hybridnorm" / "corpora"
 
 
-def _ar_member(deb: bytes, name: str) -> bytes:
-    """One member of a Debian package (an ``ar`` archive)."""
+def _ar_member(deb: bytes, prefix: str) -> tuple[str, bytes]:
+    """The first member of a Debian package (an ``ar`` archive) whose name starts with
+    ``prefix``, as (name, bytes)."""
     if not deb.startswith(b"!<arch>\n"):
-        raise DataError("not a Debian package (no ar header)")
+        raise DataError("not a Debian package (no ar header): a damaged or different file")
     pos = 8
     while pos + 60 <= len(deb):
         head = deb[pos : pos + 60]
-        member, size = head[:16].decode().strip().rstrip("/"), int(head[48:58])
-        if member == name:
-            return deb[pos + 60 : pos + 60 + size]
+        try:
+            member, size = head[:16].decode().strip().rstrip("/"), int(head[48:58])
+        except ValueError:
+            break
+        if member.startswith(prefix):
+            if pos + 60 + size > len(deb):
+                break
+            return member, deb[pos + 60 : pos + 60 + size]
         pos += 60 + size + (size & 1)
-    raise DataError(f"the Debian package has no {name}")
+    raise DataError(f"the Debian package holds no complete {prefix}*: a damaged or truncated file")
+
+
+def check_texts(texts: dict[str, str]) -> None:
+    """Refuse texts that are not, byte for byte, the pinned ones."""
+    pkg = AUSTEN
+    for name, text in texts.items():
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        if digest != pkg.texts[name]:
+            raise DataError(f"{name}'s text has SHA-256 {digest}, not the pinned "
+                            f"{pkg.texts[name]} ({pkg.describe()}): a changed text")
 
 
 def austen_texts(deb: bytes) -> dict[str, str]:
-    """The novels' texts, from the package's bytes (checked against the pinned SHA-256)."""
-    from megatron_hybridnorm.train.rdata import lazyload_strings
-
-    digest = hashlib.sha256(deb).hexdigest()
-    if digest != AUSTEN.sha256:
-        raise DataError(f"the package's SHA-256 is {digest}, not {AUSTEN.sha256} "
-                        f"({AUSTEN.package}): a different or damaged file")
-    with tarfile.open(fileobj=io.BytesIO(_ar_member(deb, "data.tar.xz")), mode="r:xz") as tar:
-        files = {Path(m.name).name: tar.extractfile(m).read() for m in tar.getmembers()
-                 if m.name.endswith(("janeaustenr/data/Rdata.rdb", "janeaustenr/data/Rdata.rdx"))}
+    """The novels' texts, read out of the package's R data and checked against their pins."""
+    pkg = AUSTEN
+    member, data = _ar_member(deb, "data.tar")
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+            files = {Path(m.name).name: tar.extractfile(m).read() for m in tar.getmembers()
+                     if m.name.endswith(("janeaustenr/data/Rdata.rdb",
+                                         "janeaustenr/data/Rdata.rdx"))}
+    except (tarfile.TarError, EOFError, OSError, lzma.LZMAError) as e:
+        raise DataError(f"the package's {member} cannot be read ({e}): a damaged file") from None
     if set(files) != {"Rdata.rdb", "Rdata.rdx"}:
         raise DataError("the package holds no janeaustenr/data/Rdata.rdb and .rdx")
-    lines = lazyload_strings(files["Rdata.rdx"], files["Rdata.rdb"])
-    missing = [n for n in AUSTEN_NOVELS if n not in lines]
+    try:
+        lines = lazyload_strings(files["Rdata.rdx"], files["Rdata.rdb"])
+    except (RDataError, OSError, EOFError, zlib.error) as e:  # gzip's errors are OSErrors
+        raise DataError(f"the package's R data cannot be read ({e}): a damaged file") from None
+    missing = [n for n in pkg.texts if n not in lines]
     if missing:
         raise DataError(f"the package's data lacks {', '.join(missing)}")
-    return {n: "\n".join(line or "" for line in lines[n]) + "\n" for n in AUSTEN_NOVELS}
+    texts = {n: "\n".join(line or "" for line in lines[n]) + "\n" for n in pkg.texts}
+    check_texts(texts)
+    return texts
+
+
+def apt_get_download(pkg: DebianPackage) -> bytes:
+    """The package's bytes, from ``apt-get download NAME=VERSION`` run in a temporary folder."""
+    apt_get = shutil.which("apt-get")
+    by_hand = (f"on a Debian or Ubuntu machine, run 'apt-get download {pkg.spec}' and pass the "
+               f"file it writes: {FETCH} --from {pkg.filename}")
+    if apt_get is None:
+        raise DataError(f"no apt-get on this machine to fetch {pkg.describe()}; {by_hand}")
+    with tempfile.TemporaryDirectory(prefix="hybridnorm-apt-") as tmp:
+        try:
+            out = subprocess.run([apt_get, "download", pkg.spec], cwd=tmp, capture_output=True,
+                                 text=True, timeout=600)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise DataError(f"apt-get download {pkg.spec} did not run ({e}); {by_hand}") from None
+        debs = sorted(Path(tmp).glob(f"{pkg.name}_*.deb"))
+        if out.returncode != 0 or not debs:
+            said = (out.stderr or out.stdout).strip().splitlines()[-3:]
+            raise DataError(f"apt-get download {pkg.spec} failed (exit {out.returncode}"
+                            + (f": {' / '.join(said)}" if said else "") + "); where apt does "
+                            f"not know the package, run 'apt-get update' first; or {by_hand}")
+        return debs[0].read_bytes()
 
 
 def fetch_austen(deb_path: str | None = None, dest: Path | None = None) -> Path:
     """Write the novels to ``dest`` (default: the cache), from the package at ``deb_path`` or
-    downloaded from Debian. Written to a temporary folder first and renamed: a folder that
+    from ``apt-get download``. Written to a temporary folder first and renamed: a folder that
     exists is complete."""
     dest = dest or cache_dir() / "austen"
     if deb_path:
-        deb = Path(deb_path).read_bytes()
-    else:
         try:
-            with urllib.request.urlopen(AUSTEN.url, timeout=120) as r:
-                deb = r.read()
+            deb = Path(deb_path).read_bytes()
         except OSError as e:
-            raise DataError(f"could not download {AUSTEN.url} ({e}); on a machine without "
-                            "access, copy that file here and pass --from FILE") from None
+            raise DataError(f"--from {deb_path}: {e.strerror or e}") from None
+    else:
+        deb = apt_get_download(AUSTEN)
     texts = austen_texts(deb)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    kept = dest.parent / AUSTEN.url.rsplit("/", 1)[1]  # for a later fetch --from, offline
+    kept = dest.parent / AUSTEN.filename  # for a later fetch --from, offline
     if not kept.is_file():
         kept.write_bytes(deb)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".austen-"))
     for name, text in texts.items():
         (tmp / f"{name}.txt").write_text(text, encoding="utf-8")
     (tmp / "SOURCE.json").write_text(json.dumps(dict(
-        package=AUSTEN.package, url=AUSTEN.url, sha256=AUSTEN.sha256, licence=AUSTEN.licence,
-        novels=list(AUSTEN_NOVELS)), indent=2))
+        package=AUSTEN.name, version=AUSTEN.version, release=AUSTEN.release,
+        licence=AUSTEN.licence, sha256=AUSTEN.texts), indent=2))
     if dest.exists():  # another fetch finished first; its copy is the same
         for f in tmp.iterdir():
             f.unlink()
@@ -138,16 +202,21 @@ def austen_corpus(max_bytes: int, folder: Path | None = None) -> Corpus:
     if not all((folder / f"{n}.txt").is_file() for n in AUSTEN_NOVELS):
         raise DataError(
             f"--corpus austen: the novels are not in {folder}; fetch them once with "
-            "'python -m megatron_hybridnorm.train.corpora fetch austen' (1.6 MB from "
-            "deb.debian.org; scripts/dev.sh does this at set-up; offline, add --from FILE.deb "
-            "with a copy of the package)")
-    docs = documents_up_to((chapter for n in AUSTEN_NOVELS for chapter in
-                            chapters((folder / f"{n}.txt").read_text(encoding="utf-8"))),
+            f"'{FETCH}' (a 1.6 MB package through apt-get download {AUSTEN.spec}; "
+            "scripts/dev.sh does this at set-up; without apt-get, add --from FILE.deb with a "
+            "copy of the package)")
+    texts = {n: (folder / f"{n}.txt").read_text(encoding="utf-8") for n in AUSTEN_NOVELS}
+    try:
+        check_texts(texts)
+    except DataError as e:
+        raise DataError(f"--corpus austen ({folder}): {e}; delete the folder and fetch again: "
+                        f"'{FETCH}'") from None
+    docs = documents_up_to((chapter for n in AUSTEN_NOVELS for chapter in chapters(texts[n])),
                            max_bytes)
     total = sum(len(d) for d in docs)
     train, val = _split(docs, f"--corpus austen ({folder})")
     return Corpus(TokenStream(train), TokenStream(val), BYTE_VOCAB,
-                  f"Jane Austen's novels ({AUSTEN.package}), {len(docs)} chapters, "
+                  f"Jane Austen's novels ({AUSTEN.describe()}), {len(docs)} chapters, "
                   f"{total / 1e6:.1f} MB, bytes")
 
 
@@ -163,10 +232,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m megatron_hybridnorm.train.corpora",
                                 description="Fetch a named corpus into the cache, once.")
     sub = p.add_subparsers(dest="command", required=True)
-    f = sub.add_parser("fetch", help="download (or copy) and unpack a corpus")
+    f = sub.add_parser("fetch", help="get (apt-get download, or copy) and unpack a corpus")
     f.add_argument("name", choices=["austen"])
     f.add_argument("--from", dest="deb", default=None,
-                   help=f"a local copy of {AUSTEN.url.rsplit('/', 1)[1]} (no download)")
+                   help=f"a copy of {AUSTEN.filename}, as 'apt-get download {AUSTEN.spec}' "
+                        "writes it on a Debian or Ubuntu machine (no apt-get here)")
     f.add_argument("--if-missing", action="store_true",
                    help="do nothing when the cache already holds it")
     args = p.parse_args(argv)
@@ -177,7 +247,7 @@ def main(argv=None) -> int:
         out = fetch_austen(args.deb)
     except (DataError, OSError) as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
-    print(f"wrote {out}/ ({AUSTEN.package}; {AUSTEN.licence})")
+    print(f"wrote {out}/ ({AUSTEN.describe()}; {AUSTEN.licence})")
     return 0
 
 
