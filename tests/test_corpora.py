@@ -139,7 +139,8 @@ def build_deb(novels: dict[str, list[str]], compression: str = "xz", mtime: int 
     rdx, rdb = _lazyload({n: _xdr(_strsxp(lines)) for n, lines in novels.items()})
     lib = "./usr/lib/R/site-library/janeaustenr/data/"
     return _ar([("debian-binary", b"2.0\n"),
-                ("control.tar.xz", _tar({"./control": b"Package: r-cran-janeaustenr\n"}, "xz", mtime)),
+                ("control.tar.xz", _tar({"./control": b"Package: r-cran-janeaustenr\n"}, "xz",
+                                        mtime)),
                 (f"data.tar.{compression}", _tar({lib + "Rdata.rdb": rdb, lib + "Rdata.rdx": rdx},
                                                  compression, mtime))])
 
@@ -274,7 +275,8 @@ def test_a_failing_apt_get_is_reported_with_what_it_said(tmp_path, monkeypatch, 
 
 
 def test_the_pins_are_on_the_novels_texts_not_on_the_package():
-    assert set(corpora.AUSTEN.texts) == set(corpora.AUSTEN_NOVELS) and len(corpora.AUSTEN_NOVELS) == 6
+    assert set(corpora.AUSTEN.texts) == set(corpora.AUSTEN_NOVELS)
+    assert len(corpora.AUSTEN_NOVELS) == 6
     assert all(len(h) == 64 and int(h, 16) >= 0 for h in corpora.AUSTEN.texts.values())
     with pytest.raises(DataError, match="not a Debian package"):
         corpora.austen_texts(b"not the package")

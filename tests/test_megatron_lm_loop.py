@@ -251,7 +251,7 @@ def test_megatron_lms_checkpoint_is_named_and_exports_with_the_models_logits(
 
 NO_TE = [a for a in BASE if a not in ("--transformer-impl", "local")]
 PERSIST = [a for a in BASE if a != "--no-persist-layer-norm"]
-OLDER_THAN_0_18 = tuple(int(x) for x in VERSION.split(".")[:2]) < (0, 18)
+OLDER_THAN_0_19 = tuple(int(x) for x in VERSION.split(".")[:2]) < (0, 19)
 OWN_FINAL_NORM = ("this Megatron-LM calls the --spec entry point, which builds the scheme's own "
                   "final norm (megatron-core's torch norm is not used)")
 # name: (Megatron-LM's arguments, what the refusal says, ranks, why it cannot run here or "")
@@ -273,8 +273,9 @@ REFUSALS = {
         "invalid choice: 'DyT'", 1, ""),
     "mtp": (
         [*BASE, *spec("hybridnorm_star"), "--mtp-num-layers", "1"], "unset --mtp-num-layers", 1,
-        "Megatron-LM core_v0.16/0.17's gpt_builders.py fails on --spec with --mtp-num-layers "
-        "before any spec is built (UnboundLocalError: use_te)" if OLDER_THAN_0_18 else ""),
+        "Megatron-LM core_v0.16 to 0.18's gpt_builders.py fails on --spec with --mtp-num-layers "
+        "by itself, building the MTP block's spec (UnboundLocalError: use_te)"
+        if OLDER_THAN_0_19 else ""),
     "load_other_scheme": (  # --load and --save one folder, as a resumed job has them
         [*BASE, *spec("hybridnorm_star"), "--load", "{prenorm}"], "--load {prenorm} holds prenorm",
         1, ""),
