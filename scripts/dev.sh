@@ -33,7 +33,7 @@ if [ ! -f "$STAMP" ]; then
     "$PY" -m venv "$VENV"
   fi
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e ".[test,hf]"
+  "$VENV/bin/python" -m pip install -q -e ".[test,hf,train]"
   rm -f "$VENV"/.installed-* && touch "$STAMP"
 fi
 # the second corpus (--corpus austen), once into the cache (apt-get download, by name), so that

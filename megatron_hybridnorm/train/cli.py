@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_hybridnorm.extras import MissingExtra, require
 from megatron_hybridnorm.train.corpora import NAMES
 from megatron_hybridnorm.train.presets import PRESETS
 
@@ -325,6 +326,10 @@ def quiet() -> None:
 
 def main(argv=None) -> int:
     p, args = parse(argv)
+    try:
+        require("train", "hybridnorm-train")
+    except MissingExtra as e:
+        p.exit(2, f"hybridnorm-train: error: {e}\n")
     if not args.verbose:
         quiet()
     import torch
