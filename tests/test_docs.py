@@ -40,7 +40,7 @@ def test_no_package_archive_is_named_anywhere():
         "an archive's pool/ path": re.compile(r"\bpool/(?:main|contrib|non-free|universe)/"),
         "a Debian or Ubuntu archive host": re.compile(
             r"\b(?:deb|ftp\d*|archive|security|ports)\.(?:debian|ubuntu)\.(?:org|com)\b"),
-        "a PyPI file host": re.compile(r"\bfiles\.pythonhosted\.org\b"),
+        "a package index's file path": re.compile(r"[a-z]+://[^\s/]+/packages/[0-9a-f]{2}/"),
     }
     hits = [f"{name}: {what}" for name, text in tracked_texts()
             for what, shape in shapes.items() if shape.search(text)]

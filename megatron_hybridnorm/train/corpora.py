@@ -102,17 +102,15 @@ def _ar_member(deb: bytes, prefix: str) -> tuple[str, bytes]:
 
 def check_texts(texts: dict[str, str]) -> None:
     """Refuse texts that are not, byte for byte, the pinned ones."""
-    pkg = AUSTEN
     for name, text in texts.items():
         digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-        if digest != pkg.texts[name]:
+        if digest != AUSTEN.texts[name]:
             raise DataError(f"{name}'s text has SHA-256 {digest}, not the pinned "
-                            f"{pkg.texts[name]} ({pkg.describe()}): a changed text")
+                            f"{AUSTEN.texts[name]} ({AUSTEN.describe()}): a changed text")
 
 
 def austen_texts(deb: bytes) -> dict[str, str]:
     """The novels' texts, read out of the package's R data and checked against their pins."""
-    pkg = AUSTEN
     member, data = _ar_member(deb, "data.tar")
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
@@ -127,10 +125,10 @@ def austen_texts(deb: bytes) -> dict[str, str]:
         lines = lazyload_strings(files["Rdata.rdx"], files["Rdata.rdb"])
     except (RDataError, OSError, EOFError, zlib.error) as e:  # gzip's errors are OSErrors
         raise DataError(f"the package's R data cannot be read ({e}): a damaged file") from None
-    missing = [n for n in pkg.texts if n not in lines]
+    missing = [n for n in AUSTEN.texts if n not in lines]
     if missing:
         raise DataError(f"the package's data lacks {', '.join(missing)}")
-    texts = {n: "\n".join(line or "" for line in lines[n]) + "\n" for n in pkg.texts}
+    texts = {n: "\n".join(line or "" for line in lines[n]) + "\n" for n in AUSTEN.texts}
     check_texts(texts)
     return texts
 
