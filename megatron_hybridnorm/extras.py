@@ -11,6 +11,7 @@ import importlib
 
 EXTRAS = {  # the extra -> the modules the tools import from it (pyproject.toml lists the packages)
     "train": ("matplotlib", "tqdm"),  # hybridnorm-train's plots and progress bars
+    "bridge": ("megatron.bridge",),  # megatron_hybridnorm.bridge
 }
 
 
@@ -19,12 +20,18 @@ class MissingExtra(RuntimeError):
 
 
 def require(extra: str, tool: str) -> None:
-    missing = []
+    missing, broken = [], []
     for module in EXTRAS[extra]:
         try:
             importlib.import_module(module)
-        except ImportError:
-            missing.append(module)
+        except ImportError as e:
+            if e.name and not module.startswith(e.name) and e.name != module:
+                broken.append(f"{module} is installed but does not import ({e})")
+            else:
+                missing.append(module)
     if missing:
         raise MissingExtra(f"{tool} needs {', '.join(missing)}, from the [{extra}] extra: "
                            f"pip install 'megatron-hybridnorm[{extra}]'")
+    if broken:
+        raise MissingExtra(f"{tool}: {'; '.join(broken)}; install what it names (see the "
+                           f"[{extra}] extra in the README)")

@@ -3,6 +3,7 @@
 #   scripts/mcore_venv.sh 0.17.1                 megatron-core 0.17.1 from PyPI
 #   scripts/mcore_venv.sh path/to/megatron_core-0.20.0-*.whl
 #   TORCH=2.9.1 scripts/mcore_venv.sh 0.19.2     with another torch (a download of its own)
+#   BRIDGE=0.6.2 scripts/mcore_venv.sh 0.19.2    with Megatron-Bridge (tests/test_bridge.py)
 # It prints the venv's python. The venv is .venv-mcore/<name>: a new venv whose site-packages are
 # hard links to .venv's (no second torch download, no extra disk), less megatron-core, which is
 # then installed with --no-deps. megatron is a namespace package, so a .pth onto .venv would let
@@ -14,6 +15,7 @@ spec=${1:?usage: scripts/mcore_venv.sh VERSION|WHEEL}
 [ -x .venv/bin/python ] || { echo "error: .venv missing: run scripts/dev.sh test --collect-only first" >&2; exit 1; }
 name=$(basename "$spec" | sed -E 's/^megatron_core-([^-]+)-.*/\1/')
 [ -n "${TORCH:-}" ] && name="$name-torch$TORCH"
+[ -n "${BRIDGE:-}" ] && name="$name-bridge$BRIDGE"
 dest=.venv-mcore/$name
 stamp="$dest/.ready-$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
@@ -34,6 +36,17 @@ if [ ! -f "$stamp" ]; then
     "${pip[@]}" install --no-deps "$spec"
   else
     "${pip[@]}" install --no-deps "megatron-core==$spec" 2>&1 | grep -v '^WARNING: Location' || true
+  fi
+  if [ -n "${BRIDGE:-}" ]; then
+    # Megatron-Bridge's full requirement set does not install here (fast-hadamard-transform
+    # builds a CUDA extension): the wheel alone, then what its import and pretrain() need, none
+    # of them allowed to replace a package the venv has (torch, transformers, ...)
+    "${pip[@]}" freeze --exclude-editable | grep -v '^megatron' > "$dest/constraints.txt"
+    "${pip[@]}" install -c "$dest/constraints.txt" omegaconf hydra-core einops six datasets \
+      "megatron-energon~=7.0" tensorboard nvidia-modelopt requests IPython 2>&1 | grep -v '^WARNING: Location' || true
+    "${pip[@]}" install --no-deps "megatron-bridge==$BRIDGE" 2>&1 | grep -v '^WARNING: Location' || true
+    "$dest/bin/python" -c 'import importlib.util as u; assert u.find_spec("megatron.bridge")' ||
+      { echo "error: megatron-bridge $BRIDGE did not install into $dest" >&2; exit 1; }
   fi
   "$dest/bin/python" -c 'import megatron.core, torch' 2>/dev/null || { echo "error: $dest does not import" >&2; exit 1; }
   touch "$stamp"

@@ -202,7 +202,7 @@ def test_the_core_imports_no_tool():
     pkg = ROOT / "megatron_hybridnorm"
     core = [*pkg.glob("models/**/*.py"), *pkg.glob("transformer/*.py"), *pkg.glob("norms/*.py"),
             *pkg.glob("kernels/*.py"), pkg / "schemes.py", pkg / "compat.py"]
-    tools = ("train", "check", "hf", "harness", "testing")
+    tools = ("train", "check", "hf", "harness", "testing", "bridge")
     bad = []
     for f in core:
         for node in ast.walk(ast.parse(f.read_text())):
@@ -211,6 +211,26 @@ def test_the_core_imports_no_tool():
             bad += [f"{f.relative_to(ROOT)}: {n}" for n in names
                     if n.split(".")[:2] in (["megatron_hybridnorm", t] for t in tools)]
     assert core and not bad, bad
+
+
+def test_bridge_round_trip_table_is_the_committed_run():
+    """docs/megatron-bridge.md's table is docs/bridge/round_trips.jsonl, which
+    tests/test_bridge.py wrote (BRIDGE_FIGURES), row for row."""
+    import json
+    import re
+
+    doc = (ROOT / "docs" / "megatron-bridge.md").read_text()
+    table = re.search(r"<!-- round-trips -->\n(.*?)<!-- /round-trips -->", doc, re.S).group(1)
+    rows = [line.strip("| ").split(" | ") for line in table.strip().splitlines()[2:]]
+    runs = [json.loads(line) for line in
+            (ROOT / "docs" / "bridge" / "round_trips.jsonl").read_text().splitlines()]
+    want = [[r["variant"], f"{r['logits_rel_err']:.1e}", f"{r['logits_max_abs']:.1e}",
+             f"{r['bitwise']}/{r['tensors']}", f"{r['as_our_exporter']}/{r['tensors']}"]
+            for r in runs]
+    assert rows == want
+    from megatron_hybridnorm.schemes import SCHEMES
+
+    assert set(SCHEMES) <= {r["variant"] for r in runs}
 
 
 def test_study_tables_in_the_docs_are_the_committed_runs():

@@ -25,7 +25,7 @@ class Architecture:
     vocab_size: int  # as the model holds it (padded)
     max_position_embeddings: int
     head_dim: int | None = None
-    qkv_norm: str = "head"
+    qkv_norm: str | None = None  # None: the scheme's own default
     mixln_fraction: float | None = None
     gated_linear_unit: bool = True
     activation: str = "silu"
@@ -40,6 +40,7 @@ class Architecture:
 
     def __post_init__(self):
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        self.qkv_norm = self.qkv_norm or get_scheme(self.scheme).qkv_norm
 
     # ---- where it comes from ----------------------------------------------------------------
 
@@ -127,13 +128,12 @@ class Architecture:
         return get_scheme(self.scheme).options_from(qkv_norm=self.qkv_norm,
                                                     mixln_fraction=self.mixln_fraction)
 
-    def transformer_config(self, **overrides):
-        """A one-rank TransformerConfig on the CPU, in fp32."""
+    def transformer_fields(self) -> dict:
+        """The ``TransformerConfig`` fields this architecture sets (the model configs of
+        megatron-core and Megatron-Bridge both take them)."""
         import torch.nn.functional as F
 
-        from megatron_hybridnorm.harness.gpt_config import gpt_config
-
-        return gpt_config(**{**dict(
+        return dict(
             num_layers=self.num_layers, hidden_size=self.hidden_size,
             num_attention_heads=self.num_attention_heads, num_query_groups=self.num_query_groups,
             kv_channels=self.head_dim, ffn_hidden_size=self.ffn_hidden_size,
@@ -141,8 +141,14 @@ class Architecture:
             activation_func={"silu": F.silu, "gelu": F.gelu}[self.activation],
             normalization=self.normalization, layernorm_epsilon=self.norm_eps,
             layernorm_zero_centered_gamma=self.zero_centered_gamma,
-            add_bias_linear=self.add_bias_linear, rotary_interleaved=self.rotary_interleaved,
-            gradient_accumulation_fusion=False, apply_rope_fusion=False), **overrides})
+            add_bias_linear=self.add_bias_linear, rotary_interleaved=self.rotary_interleaved)
+
+    def transformer_config(self, **overrides):
+        """A one-rank TransformerConfig on the CPU, in fp32."""
+        from megatron_hybridnorm.harness.gpt_config import gpt_config
+
+        return gpt_config(**{**self.transformer_fields(), "gradient_accumulation_fusion": False,
+                             "apply_rope_fusion": False, **overrides})
 
     def megatron_model(self, config=None):
         """A one-rank Megatron GPTModel of this architecture (parallel state set up)."""

@@ -61,7 +61,7 @@ def architecture_of(folder: Path) -> tuple[Architecture, object, dict | None]:
                               "config.json of a hybridnorm-train run above it: cannot tell the "
                               "architecture")
         arch = Architecture.from_hybridnorm_train(run, finding.scheme)
-    arch.qkv_norm = finding.qkv_norm or "head"
+    arch.qkv_norm = finding.qkv_norm or arch.qkv_norm  # (None: the scheme has no Q/K/V norms)
     arch.mixln_fraction = finding.mixln_fraction
     return arch, args, run
 

@@ -185,6 +185,16 @@ class MLP(nn.Module):
         return self.linear_fc2(self.act(h))
 
 
+def depth_scale(layer_idx: int) -> float:
+    """LayerNorm Scaling's factor on a norm's output in layer ``layer_idx`` (0-based)."""
+    return 1 / math.sqrt(layer_idx + 1)
+
+
+def residual_scale(num_layers: int) -> float:
+    """DeepNorm's factor on both residuals."""
+    return (2 * num_layers) ** 0.25
+
+
 class Layer(nn.Module):
     def __init__(self, config: HybridNormConfig, layout: dict, layer_idx: int):
         super().__init__()
@@ -201,8 +211,8 @@ class Layer(nn.Module):
         self.mlp = MLP(config)
         self.mlp_output_layernorm = norm("mlp_output")
         self.post_mlp_layernorm = norm("post_mlp")
-        self.feed_scale = 1 / math.sqrt(layer_idx + 1) if layout.get("depth_scaled") else 1.0
-        self.alpha = (2 * config.num_hidden_layers) ** 0.25 if layout.get("deepnorm") else 1.0
+        self.feed_scale = depth_scale(layer_idx) if layout.get("depth_scaled") else 1.0
+        self.alpha = residual_scale(config.num_hidden_layers) if layout.get("deepnorm") else 1.0
 
     @staticmethod
     def _maybe(norm, t):
