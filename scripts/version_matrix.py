@@ -53,9 +53,9 @@ LEGS = {
     "0.17.1": dict(mcore="0.17.1"),
     "0.18.2": dict(mcore="0.18.2"),
     "main": dict(mcore="main", cross_checkpoint=True),
-    # the same megatron-core as the default: of Megatron-LM's loop, the 1-rank schemes and TP=2
-    "torch-2.9.1": dict(mcore="0.19.2", torch="2.9.1", kernels=True,
-                        loop="trains_every_scheme or resume_at_tp2"),
+    # the same megatron-core as the default: of Megatron-LM's loop, its TP=2 run and resume
+    # (the 1-rank runs of each scheme are the default row's)
+    "torch-2.9.1": dict(mcore="0.19.2", torch="2.9.1", kernels=True, loop="resume_at_tp2"),
 }
 
 
