@@ -248,7 +248,8 @@ def test_every_flag_named_in_prose_exists(megatron_single_rank):
     known = {s for p in (train_parser(), check_parser(), rehearse_parser()) for a in p._actions
              for s in a.option_strings}
     known |= megatron_lm_flags()
-    known |= {"--nproc-per-node", "--collect-only", "--dry-run", "--from", "--if-missing"}
+    known |= {"--nproc-per-node", "--collect-only", "--dry-run", "--from", "--if-missing",
+              "--no-deps"}  # (pip's, in docs/megatron-bridge.md)
     missing = {}
     for page in PAGES:
         for flag in page_flags(page.read_text()) - known:
