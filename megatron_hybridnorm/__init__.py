@@ -18,7 +18,7 @@ _API = {
     "get_decoder_block_spec": "models.gpt.specs",
     "get_layer_spec": "models.gpt.specs",
     "SchemeConfigError": "transformer.validate",
-    "SchemeMismatchError": "transformer.layer",
+    "SchemeMismatchError": "transformer.validate",
 }
 
 

@@ -64,17 +64,15 @@ LAYER_HOOKS = hasattr(TransformerLayer, "_apply_mlp_bda_step")
 
 def _takes_norm_tuples() -> bool:
     """Whether the layer takes a norm's ``(out, residual)``: from 0.17 (0.16 passes the tuple
-    on to the MLP). Read from the source; where it cannot be read, assume not: the layer's own
-    hand-over (layer.py) is right on every version before 0.20."""
+    on to the MLP). 0.17 made ``_forward_mlp`` unpack the tuple in the change that typed its
+    return (``Tensor | list[Tensor | None]``); 0.16's is untyped. From 0.20 the layer's hooks
+    take it (``LAYER_HOOKS``)."""
     if LAYER_HOOKS:
         return True
     import inspect
 
-    try:
-        source = inspect.getsource(TransformerLayer._forward_mlp)
-    except (OSError, TypeError):
-        return False
-    return "pre_mlp_layernorm_output, residual = pre_mlp_layernorm_output" in source
+    returns = inspect.signature(TransformerLayer._forward_mlp).return_annotation
+    return returns is not inspect.Signature.empty
 
 
 NORM_TUPLES = _takes_norm_tuples()

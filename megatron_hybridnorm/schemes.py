@@ -82,6 +82,11 @@ PRE_NORM_SCALED = replace(PRE_NORM, depth_scaled=True)
 DEEP_NORM = replace(POST_NORM, deepnorm=True)
 
 
+# each option's default, where a scheme takes it (a scheme's own ``qkv_norm`` and Mix-LN's
+# fraction come from its row): the one table every builder, tool and exporter reads
+OPTION_DEFAULTS = {"qkv_norm": "head", "te_ffn_norm": "te"}
+
+
 @dataclass(frozen=True)
 class Scheme:
     """A scheme: a layout for the first layers (``head``) and one for all others (``body``).
@@ -115,7 +120,7 @@ class Scheme:
         if self.head_fraction is not None:
             known["mixln_fraction"] = self.head_fraction
         if any(lay is not None and lay.pre_mlp_is_residual for lay in (self.body, self.head)):
-            known["te_ffn_norm"] = "te"
+            known["te_ffn_norm"] = OPTION_DEFAULTS["te_ffn_norm"]
         return known
 
     def options_from(self, **given) -> dict:

@@ -70,6 +70,36 @@ def test_full_qkv_norm_spec():
     assert k.func is v.func is FullWidthNorm and k.keywords == v.keywords == {"spans": "kv"}
 
 
+def test_get_layer_spec_builds_the_schemes_own_option_defaults():
+    """One default per option: without qkv_norm, a scheme's own span (olmo2's is "full"), the
+    same as get_decoder_block_spec builds; a bare layout takes the table's ("head")."""
+    def q_norm(spec):
+        return spec.submodules.self_attention.submodules.q_layernorm
+
+    assert q_norm(mh.get_layer_spec("olmo2")).func is FullWidthNorm
+    assert q_norm(mh.get_layer_spec("olmo2", qkv_norm="head")) is HeadNorm
+    assert q_norm(mh.get_layer_spec(mh.get_scheme("olmo2"))).func is FullWidthNorm
+    assert q_norm(mh.get_layer_spec("hybridnorm")) is HeadNorm
+    assert q_norm(mh.get_layer_spec(mh.get_scheme("olmo2").body)) is HeadNorm
+    block = mh.get_decoder_block_spec(tiny_config(), "olmo2")
+    assert q_norm(block.layer_specs[0]).func is FullWidthNorm
+
+
+@pytest.mark.parametrize("scheme", mh.SCHEMES)
+def test_the_block_spec_changes_the_config_only_as_its_docstring_says(scheme):
+    """get_decoder_block_spec sets config.hetereogenous_dist_checkpoint where the scheme's
+    layers differ (HybridNorm*, Mix-LN), and changes nothing else of the caller's config."""
+    config = tiny_config()
+    before = dict(vars(config))
+    mh.get_decoder_block_spec(config, scheme)
+    changed = {k for k, v in vars(config).items() if before.get(k, object()) is not v
+               and before.get(k, object()) != v}
+    differ = len(set(mh.get_scheme(scheme).layouts(config.num_layers))) > 1
+    assert changed == ({"hetereogenous_dist_checkpoint"} if differ else set())
+    assert config.hetereogenous_dist_checkpoint is (True if differ else before[
+        "hetereogenous_dist_checkpoint"])
+
+
 def test_get_layer_spec_first_block():
     assert slots(mh.get_layer_spec("hybridnorm_star", first_block=True)) == HYB_FIRST
     assert slots(mh.get_layer_spec("hybridnorm_star")) == HYB

@@ -33,6 +33,12 @@ def test_the_detected_facts_are_this_versions():
     assert compat.SPEC_CALLABLES_ARE_CALLED == (major_minor >= (0, 19))
     assert compat.LAYER_HOOKS == (major_minor >= (0, 20))
     assert compat.NORM_TUPLES == (major_minor >= (0, 17))
+    # compat reads _forward_mlp's signature; what the code does, read here from its source
+    import inspect
+
+    unpacks = ("pre_mlp_layernorm_output, residual = pre_mlp_layernorm_output"
+               in inspect.getsource(TransformerLayer._forward_mlp))
+    assert compat.NORM_TUPLES == (compat.LAYER_HOOKS or unpacks)
 
 
 def test_hybrid_model_needs_a_version_that_has_it(monkeypatch):

@@ -187,7 +187,7 @@ def run(args, dp: int) -> tuple[list[compare.Check], dict]:
     training.save(parallel["chunks"], ckpt)
     torch.distributed.barrier()
     _init({})
-    from megatron_hybridnorm.transformer.layer import SchemeMismatchError
+    from megatron_hybridnorm.transformer.validate import SchemeMismatchError
     from megatron_hybridnorm.harness.layout_init import global_name
     from megatron_hybridnorm.harness.layout_init import gather_full
 

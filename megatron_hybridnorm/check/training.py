@@ -225,7 +225,7 @@ def load(case, path: str):
     (after checking that the checkpoint holds the same scheme)."""
     from megatron.core import dist_checkpointing
 
-    from megatron_hybridnorm.inspect import check_checkpoint
+    from megatron_hybridnorm.models.detection import check_checkpoint
 
     chunks = build_chunks(case_config(case), case)
     for m in chunks:  # make sure the weights come from the checkpoint

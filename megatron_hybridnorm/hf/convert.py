@@ -15,7 +15,7 @@ import json
 import shutil
 from pathlib import Path
 
-from megatron_hybridnorm.inspect import check_checkpoint, checkpoint_folder, detect_checkpoint
+from megatron_hybridnorm.models.detection import check_checkpoint, checkpoint_folder, detect_checkpoint
 from megatron_hybridnorm.hf.architecture import Architecture, ExportError, run_config_of
 
 MODELING = Path(__file__).with_name("modeling_hybridnorm.py")

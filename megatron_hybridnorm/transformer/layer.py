@@ -43,10 +43,7 @@ from megatron_hybridnorm.kernels.report import report_after_first_forward
 from megatron_hybridnorm.norms import Norm
 from megatron_hybridnorm.norms.names import DEPTH_SCALE, RESIDUAL_SCALE
 from megatron_hybridnorm.schemes import LayerNorms
-
-
-class SchemeMismatchError(RuntimeError):
-    """A checkpoint holds another norm scheme than the model it is loaded into."""
+from megatron_hybridnorm.transformer.validate import SchemeMismatchError  # noqa: F401  (and its old path)
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_hybridnorm.norms.base import NORMALIZATIONS
-from megatron_hybridnorm.schemes import LayerNorms, Scheme
+from megatron_hybridnorm.schemes import OPTION_DEFAULTS, LayerNorms, Scheme
 
 QKV_NORMS = ("head", "full")
 # the TE backend's pre-MLP norm whose output is also the residual (HybridNorm's FFN, Post-Norm):
@@ -18,6 +18,10 @@ class SchemeConfigError(ValueError):
     """The TransformerConfig and the chosen norm scheme cannot work together."""
 
 
+class SchemeMismatchError(RuntimeError):
+    """A checkpoint holds another norm scheme than the model it is loaded into."""
+
+
 def check_options(scheme: Scheme, options: dict) -> dict:
     """Resolve a scheme's options; an option the scheme does not use is an error."""
     known = scheme.option_defaults()
@@ -25,10 +29,10 @@ def check_options(scheme: Scheme, options: dict) -> dict:
     if unknown:
         takes = f"the options {sorted(known)}" if known else "no options"
         raise SchemeConfigError(f"scheme {scheme.name!r} takes {takes}; got {sorted(unknown)}")
-    resolved = {"qkv_norm": "head", **known, **options}
-    if resolved["qkv_norm"] not in QKV_NORMS:
+    resolved = {**known, **options}
+    if resolved.get("qkv_norm", OPTION_DEFAULTS["qkv_norm"]) not in QKV_NORMS:
         raise SchemeConfigError(f"qkv_norm must be one of {QKV_NORMS}, got {resolved['qkv_norm']!r}")
-    if resolved.get("te_ffn_norm", "te") not in TE_FFN_NORMS:
+    if resolved.get("te_ffn_norm", OPTION_DEFAULTS["te_ffn_norm"]) not in TE_FFN_NORMS:
         raise SchemeConfigError(
             f"te_ffn_norm must be one of {TE_FFN_NORMS}, got {resolved['te_ffn_norm']!r}")
     if "mixln_fraction" in resolved and not 0.0 <= resolved["mixln_fraction"] <= 1.0:
@@ -93,12 +97,12 @@ def check_config(
     if groups % tp and tp % groups:
         fail(f"num_query_groups={groups} and tensor_model_parallel_size={tp}: one must divide "
              "the other")
-    if options["qkv_norm"] == "full" and has_head_norms and groups % tp:
+    if options.get("qkv_norm") == "full" and has_head_norms and groups % tp:
         fail(f'qkv_norm="full" normalizes each rank\'s KV heads together, but '
              f"tensor_model_parallel_size={tp} > num_query_groups={groups} replicates KV heads; "
              f'use TP <= {groups} (dividing it) or qkv_norm="head"')
-    te_ffn_norm = options.get("te_ffn_norm", "te")
-    if te_ffn_norm != "te" and not use_transformer_engine:
+    te_ffn_norm = options.get("te_ffn_norm", OPTION_DEFAULTS["te_ffn_norm"])
+    if te_ffn_norm != OPTION_DEFAULTS["te_ffn_norm"] and not use_transformer_engine:
         fail(f"te_ffn_norm={te_ffn_norm!r} chooses among Transformer Engine modules; build the "
              "spec with use_transformer_engine=True, or leave te_ffn_norm unset (the local "
              "backend runs this package's add + norm)")

@@ -105,8 +105,8 @@ def check_load_matches(scheme: str, options: dict, path: str | None,
     megatron-core's loader writes some tensors into the model in place before it finds the
     missing norm keys, so a mismatch must be caught before loading starts.
     """
-    from megatron_hybridnorm.inspect import detect_checkpoint
-    from megatron_hybridnorm.transformer.layer import SchemeMismatchError
+    from megatron_hybridnorm.models.detection import detect_checkpoint
+    from megatron_hybridnorm.transformer.validate import SchemeMismatchError
 
     if not path:
         return []
@@ -138,7 +138,7 @@ def check_load_format(path: str) -> None:
     (saved on 0.19 or later, resumed on 0.16 to 0.18): their loader fails on it deep inside with
     a bare FileNotFoundError for common.pt."""
     from megatron_hybridnorm import compat
-    from megatron_hybridnorm.inspect import checkpoint_folder
+    from megatron_hybridnorm.models.detection import checkpoint_folder
 
     folder = checkpoint_folder(Path(path))
     if not compat.COMMON_STATE_IN_SHARDS and not (folder / compat.COMMON_STATE_FILE).is_file():

@@ -25,8 +25,9 @@ from megatron_hybridnorm.compat import dense_mlp_spec
 from megatron_hybridnorm.transformer.core_attention import SDPAttention
 from megatron_hybridnorm.transformer.layer import HybridTransformerLayer, HybridTransformerLayerSubmodules
 from megatron_hybridnorm.norms import FullWidthNorm, HeadNorm, Norm, PostNorm
+from megatron_hybridnorm.norms.names import norm_checkpoint_prefix, norm_module_prefix
 from megatron_hybridnorm.norms.te import InterchangeableTENorm, TEPostNorm, te_norm_linear_keeping_norm
-from megatron_hybridnorm.schemes import LayerNorms, get_scheme
+from megatron_hybridnorm.schemes import OPTION_DEFAULTS, LayerNorms, Scheme, get_scheme
 from megatron_hybridnorm.transformer.validate import SchemeConfigError, check_config, check_options
 
 
@@ -65,17 +66,19 @@ def backend(use_transformer_engine: bool) -> Backend:
 
 
 def get_layer_spec(
-    scheme: str | LayerNorms,
+    scheme: Scheme | str | LayerNorms,
     *,
     first_block: bool = False,
-    qkv_norm: str = "head",
+    qkv_norm: str | None = None,
     num_experts: int | None = None,
     moe_grouped_gemm: bool = False,
     use_transformer_engine: bool = False,
-    te_ffn_norm: str = "te",
+    te_ffn_norm: str | None = None,
     use_te_activation_func: bool = False,
 ) -> ModuleSpec:
-    """One layer's spec. ``scheme`` is a scheme name or a ``LayerNorms`` layout.
+    """One layer's spec. ``scheme`` is a scheme (or its name) or a ``LayerNorms`` layout; an
+    option left None is the scheme's default (``Scheme.option_defaults``; a bare layout's:
+    ``schemes.OPTION_DEFAULTS``), so ``get_layer_spec("olmo2")`` has OLMo 2's full-width norms.
 
     ``first_block`` picks the scheme's layout for its first layers (HybridNorm*'s block 0,
     Mix-LN's Post-Norm layers). On Transformer Engine, a pre-norm is fused into the linear
@@ -87,10 +90,13 @@ def get_layer_spec(
     the FFN, as Megatron's own specs do with ``config.use_te_activation_func``.
     """
     if isinstance(scheme, LayerNorms):
-        lay = scheme
+        lay, defaults = scheme, OPTION_DEFAULTS
     else:
-        s = get_scheme(scheme)
+        s = scheme if isinstance(scheme, Scheme) else get_scheme(scheme)
         lay = s.head if first_block and s.head is not None else s.body
+        defaults = {**OPTION_DEFAULTS, **s.option_defaults()}
+    qkv_norm = qkv_norm or defaults["qkv_norm"]
+    te_ffn_norm = te_ffn_norm or defaults["te_ffn_norm"]
     b = backend(use_transformer_engine)
     p = b.provider
     q_norm, kv_norm = _head_norms(qkv_norm)
@@ -124,16 +130,15 @@ def get_layer_spec(
         pre_mlp = PostNorm
     else:
         pre_mlp = b.post_norm if lay.pre_mlp_is_residual else feed_norm
-    keys_map = {}
-    if norm_in_linear:  # the same checkpoint names as the separate norm
-        keys_map["mlp.linear_fc1.layer_norm_"] = "pre_mlp_layernorm."
-    # Megatron stores local pre-norms under the names the TE fused linears give them, so that
-    # local and TE checkpoints interchange; do the same wherever TE would fuse the norm.
-    if lay.input and not lay.input_is_residual and not fuse_input:
-        keys_map["input_layernorm."] = "self_attention.linear_qkv.layer_norm_"
-    if (lay.pre_mlp and not lay.pre_mlp_is_residual and num_experts is None
-            and not fuse_pre_mlp):
-        keys_map["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
+    # the checkpoint names: where a module holds a norm under another name than the one it is
+    # saved under (norm_checkpoint_prefix), say so; TE's fused linears hold it there already
+    moe = num_experts is not None
+    held = {"input": None if fuse_input else norm_module_prefix("input"),
+            "pre_mlp": (None if fuse_pre_mlp else "mlp.linear_fc1.layer_norm_" if norm_in_linear
+                        else norm_module_prefix("pre_mlp"))}
+    keys_map = {module: norm_checkpoint_prefix(lay, slot, moe) for slot, module in held.items()
+                if getattr(lay, slot) and module is not None
+                and module != norm_checkpoint_prefix(lay, slot, moe)}
     return ModuleSpec(
         module=HybridTransformerLayer,
         params={"norms": lay},
@@ -232,11 +237,11 @@ def get_decoder_block_spec(
         if key not in specs:
             specs[key] = get_layer_spec(
                 layouts[layer_id],
-                qkv_norm=opts["qkv_norm"],
+                qkv_norm=opts.get("qkv_norm"),
                 num_experts=config.num_moe_experts if moe[layer_id] else None,
                 moe_grouped_gemm=config.moe_grouped_gemm,
                 use_transformer_engine=use_transformer_engine,
-                te_ffn_norm=opts.get("te_ffn_norm", "te"),
+                te_ffn_norm=opts.get("te_ffn_norm"),
                 use_te_activation_func=config.use_te_activation_func,
             )
         return specs[key]

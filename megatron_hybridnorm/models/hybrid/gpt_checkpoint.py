@@ -90,8 +90,8 @@ def load_gpt_checkpoint(model, path: str | Path, hybrid_layer_pattern: str) -> N
         retarget_sharded_state_dict_to_gpt_checkpoint,
     )
 
-    from megatron_hybridnorm.inspect import checkpoint_folder, detect_checkpoint, detect_scheme
-    from megatron_hybridnorm.transformer.layer import SchemeMismatchError
+    from megatron_hybridnorm.models.detection import checkpoint_folder, detect_checkpoint, detect_scheme
+    from megatron_hybridnorm.transformer.validate import SchemeMismatchError
 
     folder = checkpoint_folder(Path(path))
     theirs, mine = detect_checkpoint(folder), detect_scheme(model)

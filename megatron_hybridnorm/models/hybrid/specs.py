@@ -71,7 +71,7 @@ def pattern_layer_specs(config: TransformerConfig, scheme: str, pattern: str, *,
         raise SchemeConfigError(f"hybrid layer pattern {pattern!r} has MoE layers ('E'); set "
                                 "num_moe_experts (--num-experts)")
     # te_ffn_norm="in_linear" with MoE layers is refused by check_config (num_moe_experts set)
-    te_ffn_norm = opts.get("te_ffn_norm", "te")
+    te_ffn_norm = opts.get("te_ffn_norm")
     cache, specs = {}, {}
     num_blocks = main_layers(pattern).count(ATTENTION)
     for i, lay in enumerate(layers):
@@ -81,7 +81,7 @@ def pattern_layer_specs(config: TransformerConfig, scheme: str, pattern: str, *,
         if key not in cache:
             cache[key] = pattern_layer_spec(
                 lay, num_experts=config.num_moe_experts, num_blocks=num_blocks,
-                qkv_norm=opts["qkv_norm"],
+                qkv_norm=opts.get("qkv_norm"),
                 moe_grouped_gemm=config.moe_grouped_gemm,
                 use_transformer_engine=use_transformer_engine, te_ffn_norm=te_ffn_norm,
                 use_te_activation_func=config.use_te_activation_func)
