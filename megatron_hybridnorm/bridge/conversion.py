@@ -30,22 +30,21 @@ from megatron.bridge.models.conversion.param_mapping import (
 from megatron.bridge.models.gpt_provider import GPTModelProvider
 from megatron.core.models.gpt.gpt_model import GPTModel
 
-from megatron_hybridnorm.bridge.specs import SchemeLayerSpec, uses_transformer_engine
+from megatron_hybridnorm.bridge.specs import SchemeLayerSpec
 from megatron_hybridnorm.hf.architecture import Architecture, ExportError
 from megatron_hybridnorm.hf.convert import AUTO_MAP
 from megatron_hybridnorm.hf.modeling_hybridnorm import depth_scale, residual_scale
-from megatron_hybridnorm.norms.names import DEPTH_SCALE, RESIDUAL_SCALE
+from megatron_hybridnorm.norms.names import (
+    DEPTH_SCALE,
+    FUSED_NORM_PREFIX,
+    NORM_MODULES,
+    RESIDUAL_SCALE,
+    norm_module_prefix,
+)
 
 ARCHITECTURE = "HybridNormForCausalLM"
 LAYER = "decoder.layers.*."
-# the norm slots of a layer, by their Megatron (and HF) module names
-NORM_SLOTS = ("input_layernorm", "self_attention.q_layernorm", "self_attention.k_layernorm",
-              "self_attention.v_layernorm", "self_attn_output_layernorm", "pre_mlp_layernorm",
-              "mlp_output_layernorm", "post_mlp_layernorm")
 NORM_PARAMS = ("weight", "bias", "alpha")
-# Transformer Engine fuses a pre-norm into the linear after it; the HF model names the norm
-FUSED_NORMS = {"self_attention.linear_qkv.layer_norm_": "input_layernorm.",
-               "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm."}
 # what the HF model computes from a layer's layout instead of storing
 LAYOUT_BUFFERS = {DEPTH_SCALE: "depth_scaled", RESIDUAL_SCALE: "deepnorm"}
 _LAYOUT_PREFIX = "config.layer_norms."
@@ -195,11 +194,14 @@ class HybridNormBridge(MegatronModelBridge):
         for p in ("weight", "bias"):
             fc1 = f"{LAYER}mlp.linear_fc1.{p}"
             mappings.append(FusedGatedMLPMapping(fc1, fc1) if gated else AutoMapping(fc1, fc1))
-        norms = [f"{LAYER}{slot}.{p}" for slot in NORM_SLOTS for p in NORM_PARAMS]
+        # every norm slot, by its module's name (the HF model's too)
+        norms = [f"{LAYER}{module}.{p}" for module in NORM_MODULES.values() for p in NORM_PARAMS]
         norms += [f"decoder.final_layernorm.{p}" for p in NORM_PARAMS]
         mappings += [NormMapping(n, n) for n in norms]
-        mappings += [ReplicatedMapping(f"{LAYER}{fused}{p}", f"{LAYER}{hf}{p}")
-                     for fused, hf in FUSED_NORMS.items() for p in ("weight", "bias")]
+        # Transformer Engine's fused pre-norms: the HF model names them by their norm module
+        mappings += [ReplicatedMapping(f"{LAYER}{fused}{p}",
+                                       f"{LAYER}{norm_module_prefix(slot)}{p}")
+                     for slot, fused in FUSED_NORM_PREFIX.items() for p in ("weight", "bias")]
         mappings += [LayoutBufferMapping(f"{LAYER}{buffer}", f"{_LAYOUT_PREFIX}*.{slot}")
                      for buffer, slot in LAYOUT_BUFFERS.items()]
         return MegatronMappingRegistry(*mappings)

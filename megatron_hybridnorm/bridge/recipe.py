@@ -10,7 +10,7 @@ from megatron_hybridnorm.bridge.specs import (
 )
 from megatron_hybridnorm.models.gpt.specs import get_decoder_block_spec
 from megatron_hybridnorm.norms.base import NORMALIZATIONS
-from megatron_hybridnorm.schemes import Scheme, get_scheme
+from megatron_hybridnorm.schemes import Scheme
 from megatron_hybridnorm.transformer.validate import SchemeConfigError
 
 

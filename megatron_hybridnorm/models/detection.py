@@ -17,6 +17,7 @@ from pathlib import Path
 
 from megatron_hybridnorm.norms.names import (
     DEPTH_SCALE,
+    NORM_MODULES,
     RESIDUAL_SCALE,
     is_norm_parameter,
     norm_checkpoint_prefix,
@@ -24,15 +25,13 @@ from megatron_hybridnorm.norms.names import (
 from megatron_hybridnorm.schemes import SCHEMES, LayerNorms, get_scheme
 from megatron_hybridnorm.transformer.validate import SchemeConfigError, SchemeMismatchError
 
-# a layout's norm slots (LayerNorms fields), each a module of the layer
-NORM_SLOTS = ("input", "q", "k", "v", "pre_mlp", "post_mlp", "attn_output", "mlp_output")
 _LAYER = re.compile(r"^decoder\.layers\.(?:(\d+)\.)?(.+)$")
 
 
 def layer_norm_keys(lay: LayerNorms, moe: bool) -> frozenset[str]:
     """The checkpoint names of a layer's norm weights (``norm_checkpoint_prefix``: the names the
     spec's ``sharded_state_dict_keys_map`` saves them under, on either backend)."""
-    keys = {norm_checkpoint_prefix(lay, slot, moe) + "weight" for slot in NORM_SLOTS
+    keys = {norm_checkpoint_prefix(lay, slot, moe) + "weight" for slot in NORM_MODULES
             if getattr(lay, slot)}
     keys.update(k for k, on in ((DEPTH_SCALE, lay.depth_scaled), (RESIDUAL_SCALE, lay.deepnorm))
                 if on)

@@ -33,17 +33,19 @@ def is_norm_parameter(name: str) -> bool:
 
 # where Transformer Engine fuses a pre-norm into the linear after it; Megatron saves the local
 # backend's norm under the same names, so that the two backends' checkpoints interchange
-_FUSED_PREFIX = {"input": "self_attention.linear_qkv.layer_norm_",
-                 "pre_mlp": "mlp.linear_fc1.layer_norm_"}
-_MODULE = {"input": "input_layernorm", "q": "self_attention.q_layernorm",
-           "k": "self_attention.k_layernorm", "v": "self_attention.v_layernorm",
-           "pre_mlp": "pre_mlp_layernorm", "post_mlp": "post_mlp_layernorm",
-           "attn_output": "self_attn_output_layernorm", "mlp_output": "mlp_output_layernorm"}
+FUSED_NORM_PREFIX = {"input": "self_attention.linear_qkv.layer_norm_",
+                     "pre_mlp": "mlp.linear_fc1.layer_norm_"}
+# a layout's norm slots (``LayerNorms`` fields) and the layer module holding each
+NORM_MODULES = {"input": "input_layernorm", "q": "self_attention.q_layernorm",
+                "k": "self_attention.k_layernorm", "v": "self_attention.v_layernorm",
+                "pre_mlp": "pre_mlp_layernorm", "post_mlp": "post_mlp_layernorm",
+                "attn_output": "self_attn_output_layernorm",
+                "mlp_output": "mlp_output_layernorm"}
 
 
 def norm_module_prefix(slot: str) -> str:
     """The layer's module holding the norm of a layout slot ("input", "q", ..., "mlp_output")."""
-    return _MODULE[slot] + "."
+    return NORM_MODULES[slot] + "."
 
 
 def norm_checkpoint_prefix(lay, slot: str, moe: bool) -> str:
@@ -53,7 +55,7 @@ def norm_checkpoint_prefix(lay, slot: str, moe: bool) -> str:
     except a pre-MLP norm before MoE experts, which have no fused linear."""
     fusable = {"input": not lay.input_is_residual,
                "pre_mlp": not lay.pre_mlp_is_residual and not moe}.get(slot, False)
-    return _FUSED_PREFIX[slot] if fusable else norm_module_prefix(slot)
+    return FUSED_NORM_PREFIX[slot] if fusable else norm_module_prefix(slot)
 
 
 def is_head_norm_parameter(name: str) -> bool:
