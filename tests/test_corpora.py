@@ -16,7 +16,8 @@ import zlib
 import pytest
 
 from megatron_hybridnorm.train import corpora
-from megatron_hybridnorm.train.data import DataError, load_corpus
+from megatron_hybridnorm.train.corpora import load_corpus
+from megatron_hybridnorm.train.data import DataError
 from megatron_hybridnorm.train.rdata import RDataError, lazyload_strings, unserialize
 
 DEB = corpora.AUSTEN.filename

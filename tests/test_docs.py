@@ -194,23 +194,77 @@ def test_the_public_paths_keep_working():
         assert out.returncode == 0 and "usage:" in out.stdout, (script, out.stderr[-2000:])
 
 
-def test_the_core_imports_no_tool():
-    """docs/architecture.md's direction: models and building blocks never import the tools
-    (the load guards' scheme detection is the library's, models/detection.py)."""
+def package_imports() -> dict[str, set[str]]:
+    """{module: the package's modules it imports}, at the top or inside a function alike."""
     import ast
 
     pkg = ROOT / "megatron_hybridnorm"
-    core = [*pkg.glob("models/**/*.py"), *pkg.glob("transformer/*.py"), *pkg.glob("norms/*.py"),
-            *pkg.glob("kernels/*.py"), pkg / "schemes.py", pkg / "compat.py"]
-    tools = ("train", "check", "hf", "harness", "testing", "bridge", "inspect", "rehearse")
-    bad = []
-    for f in core:
+    modules = {".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): f
+               for f in pkg.rglob("*.py")}
+    graph = {}
+    for name, f in modules.items():
+        here = name if f.name == "__init__.py" else name.rsplit(".", 1)[0]
+        found = set()
         for node in ast.walk(ast.parse(f.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            bad += [f"{f.relative_to(ROOT)}: {n}" for n in names
-                    if n.split(".")[:2] in (["megatron_hybridnorm", t] for t in tools)]
-    assert core and not bad, bad
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = (".".join(here.split(".")[: len(here.split(".")) - node.level + 1])
+                        if node.level else "")
+                mod = ".".join(p for p in (base, node.module) if p)
+                names = [mod, *(f"{mod}.{a.name}" for a in node.names)]
+            else:
+                continue
+            for n in names:
+                while n and n not in modules:  # a name inside a module: the module
+                    n = n.rpartition(".")[0]
+                if n and n != name and not name.startswith(n + "."):  # a package's own parents
+                    found.add(n)
+        graph[name] = found
+    return graph
+
+
+def test_the_core_imports_no_tool():
+    """docs/architecture.md's direction: models and building blocks never import the tools
+    (the load guards' scheme detection is the library's, models/detection.py)."""
+    core = ("models", "transformer", "norms", "kernels", "schemes", "compat")
+    tools = ("train", "check", "hf", "harness", "testing", "bridge", "inspect", "rehearse")
+    graph = package_imports()
+    floor = lambda m: m.split(".")[1] if "." in m else ""  # noqa: E731
+    ours = [m for m in graph if floor(m) in core]
+    bad = [f"{m}: {n}" for m in ours for n in graph[m] if floor(n) in tools]
+    assert len(ours) > 30 and not bad, bad
+
+
+def test_the_package_has_no_import_cycle():
+    """No module imports, at the top or inside a function, one that imports it back (directly
+    or around a loop); a lazy import then only defers an optional dependency or a version."""
+    graph = package_imports()
+    graph = {m: {n for n in ns if n != "megatron_hybridnorm"} for m, ns in graph.items()}
+    cycles, index, low, stack, on = [], {}, {}, [], set()
+
+    def visit(v):  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while not comp or comp[-1] != v:
+                comp.append(stack.pop())
+                on.discard(comp[-1])
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    assert sum(len(ns) for ns in graph.values()) > 100 and not cycles, cycles
 
 
 def test_bridge_round_trip_table_is_the_committed_run():

@@ -19,7 +19,7 @@ from helpers import SEQ, VOCAB, batch, build_gpt, randomize_norms, rel_err, tiny
 from megatron_hybridnorm.check.models import build_hybrid
 from megatron_hybridnorm.models.hybrid import get_hybrid_stack_spec, pattern_layouts
 from megatron_hybridnorm.models.hybrid.layouts import half
-from megatron_hybridnorm.models.hybrid.specs import pattern_layer_specs
+from megatron_hybridnorm.models.hybrid.layer_specs import pattern_layer_specs
 from megatron_hybridnorm.inspect import detect_checkpoint, detect_scheme
 from megatron_hybridnorm.schemes import LayerNorms
 from test_moe import MOE

@@ -563,6 +563,27 @@ def test_each_layer_says_once_which_path_its_norms_took(megatron_single_rank, mo
     assert lines == [f"megatron-hybridnorm: norm kernels of {e}" for e in expected]
 
 
+def test_the_kernel_setting_is_read_once_as_the_model_is_built(megatron_single_rank,
+                                                               monkeypatch):
+    """HYBRIDNORM_KERNELS is read by each norm and attention as it is built: a built model keeps
+    its paths whatever the variable says later (here even a value that would be refused)."""
+    from helpers import batch, build_gpt, tiny_config
+    from megatron_hybridnorm.kernels.report import paths
+
+    tokens, labels, pos = batch()
+    monkeypatch.setenv("HYBRIDNORM_KERNELS", "triton")
+    forced = build_gpt(tiny_config(), "hybridnorm_star")
+    monkeypatch.delenv("HYBRIDNORM_KERNELS")
+    default = build_gpt(tiny_config(), "hybridnorm_star")
+    monkeypatch.setenv("HYBRIDNORM_KERNELS", "cuda")
+    seen = {}
+    for name, model in (("forced", forced), ("default", default)):
+        model(tokens, pos, None, labels=labels).sum().backward()
+        seen[name] = set(paths(model).values())
+    assert seen["forced"] and all(p.startswith("triton") for p in seen["forced"]), seen
+    assert seen["default"] and all("the default" in p for p in seen["default"]), seen
+
+
 def test_forcing_triton_on_a_cpu_without_the_interpreter_is_explained():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["HYBRIDNORM_KERNELS"] = "triton"

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from megatron_hybridnorm.train import cli
-from megatron_hybridnorm.train.data import DataError, indexed_corpus, load_corpus
+from megatron_hybridnorm.train.corpora import load_corpus
+from megatron_hybridnorm.train.data import DataError, indexed_corpus
 from megatron_hybridnorm.train.machine import cpu_line, describe_cpu
 
 SMALL = ["--layers", "2", "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--seq-len", "32",

@@ -22,6 +22,8 @@ from megatron_hybridnorm.norms.names import DEPTH_SCALE, is_norm_parameter
 from megatron_hybridnorm.check import faults
 from megatron_hybridnorm.check.models import (batch, build_gpt, build_hybrid, randomize_norms,
                                              small_config)
+from megatron_hybridnorm.harness.steps import forward_step, mean_over_batch, microbatches
+from megatron_hybridnorm.models.detection import check_checkpoint
 
 
 def device() -> torch.device:
@@ -111,8 +113,6 @@ def train_case(case: dict, steps: int = 3) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from megatron_hybridnorm.harness.steps import forward_step, mean_over_batch, microbatches
-
     config = case_config(case)
     chunks = build_chunks(config, case)
     distopt = case.get("distributed_optimizer", False)
@@ -183,8 +183,6 @@ def eval_loss(chunks) -> float:
     """Forward-only loss on the test batch, through Megatron's schedule."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_hybridnorm.harness.steps import forward_step, mean_over_batch
-
     tokens, labels, _ = batch(b=2)
     mbs = [(tokens[:1], labels[:1]), (tokens[1:], labels[1:])]  # 2: interleaving needs M >= PP
     dev = device()
@@ -224,8 +222,6 @@ def load(case, path: str):
     """The case's chunks at this rank's layout, with other weights, then loaded from ``path``
     (after checking that the checkpoint holds the same scheme)."""
     from megatron.core import dist_checkpointing
-
-    from megatron_hybridnorm.models.detection import check_checkpoint
 
     chunks = build_chunks(case_config(case), case)
     for m in chunks:  # make sure the weights come from the checkpoint

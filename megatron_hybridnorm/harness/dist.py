@@ -6,6 +6,7 @@ import os
 import socket
 
 import torch
+from megatron_hybridnorm.harness.cpu import use_cpu
 
 
 def world_size() -> int:
@@ -17,7 +18,6 @@ def setup(tp: int, pp: int, seed: int) -> torch.device:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from megatron_hybridnorm.harness.cpu import use_cpu
 
     cuda = torch.cuda.is_available()
     if not cuda:

@@ -16,6 +16,7 @@ import zlib
 import torch
 
 from megatron_hybridnorm.norms.names import is_norm_parameter
+from megatron_hybridnorm.transformer.deepnorm import deepnorm_init
 
 _LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
 _GROUPED_EXPERT = re.compile(r"(\.experts\.linear_fc[12]\.(?:weight|bias))(\d+)$")
@@ -60,8 +61,6 @@ def layout_invariant_init(model, config, seed: int) -> None:
             _draw(p, key, config, seed, tp, rank)
         for layer in model.decoder.layers:  # DeepNorm's init scales what was drawn
             if getattr(layer, "deepnorm_blocks", None) is not None:
-                from megatron_hybridnorm.transformer.deepnorm import deepnorm_init
-
                 deepnorm_init(layer, layer.deepnorm_blocks)
 
 

@@ -9,6 +9,10 @@ first execution on hardware. The GPU check (``scripts/gpu_check.py``) measures t
 becomes "auto" where it shows them correct and faster than torch. The kernels compute fp32,
 bf16 and fp16 tensors; other dtypes (fp64) always take torch. When a CUDA tensor cannot use
 Triton in "auto" (not installed, or its import fails), a warning says so once.
+
+The setting is read once per model build: each norm and attention module reads it as it is
+built (``kernel_setting``) and keeps it, so changing the variable later does not change a built
+model's paths.
 """
 
 from __future__ import annotations
@@ -25,11 +29,19 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TRITON = "triton"
 
 
-def kernel_mode() -> str:
-    mode = os.environ.get("HYBRIDNORM_KERNELS", DEFAULT)
-    if mode not in MODES:
+_READ_NOW = object()
+
+
+def kernel_setting(environ=os.environ) -> str | None:
+    """``HYBRIDNORM_KERNELS`` as set, checked; None when unset (the default, torch)."""
+    mode = environ.get("HYBRIDNORM_KERNELS")
+    if mode is not None and mode not in MODES:
         raise ValueError(f"HYBRIDNORM_KERNELS={mode!r}; choose one of {', '.join(MODES)}")
     return mode
+
+
+def kernel_mode() -> str:
+    return kernel_setting() or DEFAULT
 
 
 @functools.cache
@@ -54,11 +66,14 @@ def _warn_no_triton(problem: str) -> None:
     )
 
 
-def kernel_path(x: torch.Tensor) -> tuple[bool, str]:
-    """(whether the Triton kernels handle ``x``, the reason in words)."""
-    mode = kernel_mode()
+def kernel_path(x: torch.Tensor, setting=_READ_NOW) -> tuple[bool, str]:
+    """(whether the Triton kernels handle ``x``, the reason in words) under ``setting``, a
+    module's ``kernel_setting()`` from when it was built (by default, the environment's now)."""
+    if setting is _READ_NOW:
+        setting = kernel_setting()
+    mode = setting or DEFAULT
     if mode == "torch":
-        if "HYBRIDNORM_KERNELS" not in os.environ:
+        if setting is None:
             return False, "the default; HYBRIDNORM_KERNELS=auto opts in to the kernels on CUDA"
         return False, "HYBRIDNORM_KERNELS=torch"
     if x.dtype not in DTYPES:

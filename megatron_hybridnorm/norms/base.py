@@ -9,6 +9,7 @@ import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_hybridnorm.kernels.report import record
+from megatron_hybridnorm.kernels.dispatch import kernel_setting
 from megatron_hybridnorm.norms.functional import choose_impl, normalize
 
 NORMALIZATIONS = ("RMSNorm", "LayerNorm", "DyT")
@@ -36,9 +37,10 @@ class NormBase(torch.nn.Module):
             self.alpha = torch.nn.Parameter(torch.full((1,), DYT_ALPHA_INIT))
         else:
             self.register_parameter("alpha", None)
+        self.kernels = kernel_setting()  # HYBRIDNORM_KERNELS, read once as the model is built
 
     def _normalize(self, x: torch.Tensor, weight=None, bias=None, alpha=None) -> torch.Tensor:
-        impl, why = choose_impl(x, self.kind)
+        impl, why = choose_impl(x, self.kind, self.kernels)
         record(self, f"{impl} ({why})")
         return normalize(
             x,

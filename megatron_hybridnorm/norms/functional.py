@@ -23,10 +23,11 @@ except ImportError:  # Apex is optional (not on PyPI)
 IMPLS = ("triton", "apex", "torch")
 
 
-def choose_impl(x: torch.Tensor, kind: str) -> tuple[str, str]:
-    """(implementation, why) for normalizing ``x`` with a ``kind`` norm."""
+def choose_impl(x: torch.Tensor, kind: str, *setting) -> tuple[str, str]:
+    """(implementation, why) for normalizing ``x`` with a ``kind`` norm; ``setting``: the
+    module's ``HYBRIDNORM_KERNELS`` from its build (``kernels.dispatch.kernel_path``)."""
     if kind == "RMSNorm":
-        triton, why = kernel_path(x)
+        triton, why = kernel_path(x, *setting)
         if triton:
             return "triton", why
     else:
@@ -55,7 +56,8 @@ def normalize(
     if impl == "auto":
         impl, _ = choose_impl(x, kind)
     if impl == "triton":
-        from megatron_hybridnorm.kernels.rmsnorm import rms_norm  # Triton is imported on demand
+        # here, not at the top: kernels/rmsnorm.py imports Triton, an optional dependency
+        from megatron_hybridnorm.kernels.rmsnorm import rms_norm
 
         return rms_norm(x, weight, eps, zero_centered_gamma)
     w = weight.float()
@@ -98,7 +100,7 @@ def add_normalize(
     if impl == "auto":
         impl, _ = choose_impl(out, kind)
     if impl == "triton":
-        from megatron_hybridnorm.kernels.rmsnorm import add_rms_norm
+        from megatron_hybridnorm.kernels.rmsnorm import add_rms_norm  # Triton, as above
 
         return add_rms_norm(residual, out, out_bias, weight, eps, zero_centered_gamma, dropout_p)
     branch = out if out_bias is None else out + out_bias

@@ -34,7 +34,7 @@ class Norm(NormBase):
         if residual is None:
             out = self._normalize(x)
         else:
-            impl, why = choose_impl(x, self.kind)
+            impl, why = choose_impl(x, self.kind, self.kernels)
             record(self, f"{impl} add + norm ({why})")
             out = add_normalize(residual, x, x_bias, self.weight, self.bias, self.eps, self.kind,
                                 self.zero_centered_gamma, dropout_p, impl, alpha=self.alpha)

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 
 from megatron_hybridnorm.harness.dist_ckpt import use_in_process_write_queue
+from megatron_hybridnorm.transformer.validate import SchemeMismatchError
+from megatron_hybridnorm.models.detection import check_checkpoint
 
 
 def _barrier():
@@ -92,7 +94,6 @@ def load_newest_intact(folder: Path, model, optimizer, scheduler, note) -> int |
     an error, not damage."""
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
-    from megatron_hybridnorm.transformer.validate import SchemeMismatchError
 
     damaged = []
     for path in candidates(folder):
@@ -126,7 +127,6 @@ def load(path: Path, model, optimizer, scheduler) -> int:
     """Restore model, optimizer and LR schedule; returns the step the checkpoint was saved at."""
     from megatron.core import dist_checkpointing
 
-    from megatron_hybridnorm.models.detection import check_checkpoint
 
     check_checkpoint(model, path)
     state = dist_checkpointing.load(

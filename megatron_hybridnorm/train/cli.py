@@ -336,7 +336,8 @@ def main(argv=None) -> int:
 
     from megatron_hybridnorm.harness import dist
     from megatron_hybridnorm.train.checkpoint import CheckpointDamaged
-    from megatron_hybridnorm.train.data import BYTE_VOCAB, DataError, get_batch, load_corpus
+    from megatron_hybridnorm.train.corpora import load_corpus
+    from megatron_hybridnorm.train.data import BYTE_VOCAB, DataError, get_batch
     from megatron_hybridnorm.train.log import RunLog, read_jsonl
     from megatron_hybridnorm.train.machine import cpu_line, describe_cpu
     from megatron_hybridnorm.train.loop import SchemeRun

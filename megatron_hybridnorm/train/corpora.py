@@ -1,4 +1,5 @@
-"""Named corpora for ``hybridnorm-train --corpus NAME``: text any fresh machine can have offline.
+"""Named corpora for ``hybridnorm-train --corpus NAME``: text any fresh machine can have offline;
+and ``load_corpus``, the one source a run asks for (``--text``, ``--data-path`` or ``--corpus``).
 
 - ``stdlib`` (the default): the running Python's standard library, code, read as bytes.
 - ``austen``: Jane Austen's six novels, English prose, 4.0 MB. They come from Debian's package
@@ -33,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_hybridnorm.train.data import (BYTE_VOCAB, Corpus, DataError, TokenStream, _split,
-                                            documents_up_to, stdlib_corpus)
+                                            documents_up_to, indexed_corpus, stdlib_corpus,
+                                            text_corpus)
 from megatron_hybridnorm.train.rdata import RDataError, lazyload_strings
 
 
@@ -224,6 +226,22 @@ def named_corpus(name: str, max_bytes: int) -> Corpus:
     if name == "austen":
         return austen_corpus(max_bytes)
     raise DataError(f"--corpus {name}: unknown; the corpora are {', '.join(NAMES)}")
+
+
+def load_corpus(text: str | None, data_path: str | None, vocab_size: int | None,
+                max_bytes: int, corpus: str | None = None) -> Corpus:
+    """``--text``, ``--data-path`` or the named ``--corpus`` (default: the standard library)."""
+    given = [f for f, v in (("--text", text), ("--data-path", data_path), ("--corpus", corpus))
+             if v]
+    if len(given) > 1:
+        raise DataError(f"pass one of --text, --data-path and --corpus, not {' and '.join(given)}")
+    if data_path:
+        return indexed_corpus(data_path, vocab_size)
+    if vocab_size is not None:
+        raise DataError("--vocab-size applies to --data-path only (byte-level text has 256)")
+    if text:
+        return text_corpus(text, max_bytes)
+    return named_corpus(corpus or "stdlib", max_bytes)
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,7 @@
 """Training data: token streams with a held-out split, and deterministic batches.
 
 The default corpus is the running Python's standard library, read at byte level: real text that
-every machine has, with no download (``corpora.py`` names the others). Batches are random windows drawn from a generator seeded by
+every machine has, with no download (``corpora.py`` names the others and picks the one a run asked for). Batches are random windows drawn from a generator seeded by
 (seed, step), so every scheme sees the same data in the same order, a resumed run sees what an
 uninterrupted one would, and the global batch does not depend on the data-parallel size.
 """
@@ -176,24 +176,6 @@ def indexed_corpus(prefix: str, vocab_size: int | None) -> Corpus:
     return Corpus(TokenStream(reader(train_idx), lengths[train_idx]),
                   TokenStream(reader(val_idx), lengths[val_idx]), vocab_size,
                   f"{prefix} (Megatron indexed dataset, {len(lengths)} sequences)")
-
-
-def load_corpus(text: str | None, data_path: str | None, vocab_size: int | None,
-                max_bytes: int, corpus: str | None = None) -> Corpus:
-    """``--text``, ``--data-path`` or the named ``--corpus`` (default: the standard library)."""
-    given = [f for f, v in (("--text", text), ("--data-path", data_path), ("--corpus", corpus))
-             if v]
-    if len(given) > 1:
-        raise DataError(f"pass one of --text, --data-path and --corpus, not {' and '.join(given)}")
-    if data_path:
-        return indexed_corpus(data_path, vocab_size)
-    if vocab_size is not None:
-        raise DataError("--vocab-size applies to --data-path only (byte-level text has 256)")
-    if text:
-        return text_corpus(text, max_bytes)
-    from megatron_hybridnorm.train.corpora import named_corpus
-
-    return named_corpus(corpus or "stdlib", max_bytes)
 
 
 def get_batch(stream: TokenStream, seed: int, step: int, batch_size: int, seq_len: int):

@@ -7,6 +7,7 @@ import torch
 from megatron_hybridnorm import apply_small_init, get_decoder_block_spec
 from megatron_hybridnorm.harness.gpt_config import gpt_config
 from megatron_hybridnorm.harness.layout_init import layout_invariant_init
+from megatron_hybridnorm.schemes import get_scheme
 
 
 def transformer_config(args):
@@ -105,8 +106,6 @@ def build(args, scheme: str, vocab_size: int):
 
 def scheme_options(args, scheme: str) -> dict:
     """The flags' options that ``scheme`` takes (the others apply to other schemes of the run)."""
-    from megatron_hybridnorm.schemes import get_scheme
-
     return get_scheme(scheme).options_from(qkv_norm=args.qkv_norm,
                                            mixln_fraction=args.mixln_fraction)
 

@@ -25,7 +25,7 @@ from megatron_hybridnorm.kernels import (
     fused_qkv_norm,
     rope_tables,
 )
-from megatron_hybridnorm.kernels.dispatch import kernel_path
+from megatron_hybridnorm.kernels.dispatch import kernel_path, kernel_setting
 from megatron_hybridnorm.kernels.report import record
 from megatron_hybridnorm.norms import FullWidthNorm, HeadNorm
 
@@ -54,6 +54,7 @@ class QKVNormSelfAttention(SelfAttention):
             self.k_layernorm = self._build_head_norm(submodules.k_layernorm)
         self.v_layernorm = self._build_head_norm(submodules.v_layernorm)
         self._pending_rope = None
+        self.kernels = kernel_setting()  # HYBRIDNORM_KERNELS, read once as the model is built
 
     def _build_head_norm(self, builder):
         if builder is None or builder is IdentityOp:
@@ -72,7 +73,7 @@ class QKVNormSelfAttention(SelfAttention):
         "full" (kernels/qkv_full_norm.py) or None (the norm modules, one by one), and why.
         Needs RMS norms of one kind, no output gate, and each rank holding whole KV groups."""
         q, k, v = self.q_layernorm, self.k_layernorm, self.v_layernorm
-        triton, why = kernel_path(hidden_states)
+        triton, why = kernel_path(hidden_states, self.kernels)
         for blocker, reason in ((not triton, why), (not split_qkv, "q, k and v not split"),
                                 (output_gate, "attention output gate"),
                                 (self.config.test_mode, "test_mode"),

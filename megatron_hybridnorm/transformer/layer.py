@@ -44,6 +44,7 @@ from megatron_hybridnorm.norms import Norm
 from megatron_hybridnorm.norms.names import DEPTH_SCALE, RESIDUAL_SCALE
 from megatron_hybridnorm.schemes import LayerNorms
 from megatron_hybridnorm.transformer.validate import SchemeMismatchError  # noqa: F401  (and its old path)
+from megatron_hybridnorm.transformer.deepnorm import deepnorm_alpha, deepnorm_init
 
 
 @dataclass
@@ -93,8 +94,6 @@ class HybridTransformerLayer(TransformerLayer):
         num_blocks = self.config.num_layers if num_blocks is None else num_blocks
         self.residual_scale = None
         if norms is not None and norms.deepnorm:
-            from megatron_hybridnorm.transformer.deepnorm import deepnorm_alpha, deepnorm_init
-
             self.residual_scale = deepnorm_alpha(num_blocks)
             self.deepnorm_blocks = num_blocks  # what harness.layout_init's redraw scales by
             # saved with the layer, so that a checkpoint says it (inspect, the HF export)
@@ -291,8 +290,6 @@ class HybridTransformerLayer(TransformerLayer):
 
     def saved_norms(self, saved: dict):
         """This layer's layout in a checkpoint's saved one (a hybrid layer takes its half)."""
-        from megatron_hybridnorm.schemes import LayerNorms
-
         return LayerNorms(**saved)
 
     def set_extra_state(self, state):

@@ -6,6 +6,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_hybridnorm.norms.base import NORMALIZATIONS
 from megatron_hybridnorm.schemes import OPTION_DEFAULTS, LayerNorms, Scheme
+from megatron_hybridnorm.transformer.core_attention import check_sdpa_config
 
 QKV_NORMS = ("head", "full")
 # the TE backend's pre-MLP norm whose output is also the residual (HybridNorm's FFN, Post-Norm):
@@ -146,7 +147,6 @@ def check_config(
     if config.fp8 or config.fp4:
         fail("FP8/FP4 run through Transformer Engine's linears; build the spec with "
              "use_transformer_engine=True")
-    from megatron_hybridnorm.transformer.core_attention import check_sdpa_config
 
     try:
         check_sdpa_config(config)

@@ -34,7 +34,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_block import LayerNormImpl
+
+from megatron_hybridnorm import compat
 from megatron_hybridnorm.compat import SPEC_CALLABLES_ARE_CALLED
+from megatron_hybridnorm.models.detection import checkpoint_folder, detect_checkpoint
+from megatron_hybridnorm.models.spec_names import name_the_schemes
+from megatron_hybridnorm.transformer.validate import SchemeConfigError, SchemeMismatchError
 from megatron_hybridnorm.transformer.layer import HybridTransformerLayer
 from megatron_hybridnorm.schemes import SCHEMES, get_scheme
 from megatron_hybridnorm.models.gpt.specs import get_decoder_block_spec
@@ -44,7 +52,7 @@ ENV_OPTIONS = {
     "HYBRIDNORM_MIXLN_FRACTION": ("mixln_fraction", float),
     "HYBRIDNORM_TE_FFN_NORM": ("te_ffn_norm", str),
 }
-ENV_RUNTIME = ("HYBRIDNORM_KERNELS",)  # read where the norms run (kernels/dispatch.py)
+ENV_RUNTIME = ("HYBRIDNORM_KERNELS",)  # read by each norm and attention as the model builds
 
 
 def options_from_env(scheme: str, environ=os.environ) -> tuple[dict, list[str]]:
@@ -105,9 +113,6 @@ def check_load_matches(scheme: str, options: dict, path: str | None,
     megatron-core's loader writes some tensors into the model in place before it finds the
     missing norm keys, so a mismatch must be caught before loading starts.
     """
-    from megatron_hybridnorm.models.detection import detect_checkpoint
-    from megatron_hybridnorm.transformer.validate import SchemeMismatchError
-
     if not path:
         return []
     try:
@@ -137,9 +142,6 @@ def check_load_format(path: str) -> None:
     """Refuse, before the model exists, a checkpoint whose format this megatron-core cannot read
     (saved on 0.19 or later, resumed on 0.16 to 0.18): their loader fails on it deep inside with
     a bare FileNotFoundError for common.pt."""
-    from megatron_hybridnorm import compat
-    from megatron_hybridnorm.models.detection import checkpoint_folder
-
     folder = checkpoint_folder(Path(path))
     if not compat.COMMON_STATE_IN_SHARDS and not (folder / compat.COMMON_STATE_FILE).is_file():
         raise CheckpointFormatError(
@@ -154,15 +156,11 @@ class CheckpointFormatError(RuntimeError):
 
 
 def _rank0() -> bool:
-    import torch
-
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
 def check_megatron_lm_config(scheme: str, config) -> None:
     """What Megatron-LM would get wrong silently around a --spec, refused before it builds."""
-    from megatron_hybridnorm.transformer.validate import SchemeConfigError
-
     if getattr(config, "mtp_num_layers", None):
         raise SchemeConfigError(
             f"norm scheme {scheme!r}: Megatron-LM (0.16 to 0.20) builds multi-token-prediction "
@@ -214,10 +212,6 @@ def _stage_spec(scheme: str, config, vp_stage: int | None):
 def _megatron_final_norm(config):
     """The final norm megatron-core builds for a layer spec before 0.19, refused where it
     cannot run this configuration."""
-    from megatron.core.transformer.transformer_block import LayerNormImpl
-
-    from megatron_hybridnorm.transformer.validate import SchemeConfigError
-
     name = LayerNormImpl.__name__
     if name == "WrappedTorchNorm" and (config.sequence_parallel or config.persist_layer_norm):
         raise SchemeConfigError(
@@ -238,8 +232,6 @@ class SchemeLayer(HybridTransformerLayer):
 
     def __new__(cls, config, *args, scheme: str, layer_number: int = 1,
                 vp_stage: int | None = None, **kwargs):
-        from megatron.core.transformer.spec_utils import build_module
-
         key = (id(config), vp_stage)
         if layer_number == 1 or _STAGES.get(key, (None,))[0] is not config:
             _STAGES[key] = (config, _stage_spec(scheme, config, vp_stage))
@@ -257,8 +249,6 @@ class SchemeLayer(HybridTransformerLayer):
 
 def _layer_spec_entry_point(scheme: str, build):
     """A ``ModuleSpec`` of ``SchemeLayer`` that can also be called like ``build``."""
-    from megatron.core.transformer.spec_utils import ModuleSpec
-
     class EntryPointSpec(ModuleSpec):
         def __call__(self, config, vp_stage: int | None = None):
             return build(config, vp_stage=vp_stage)
@@ -285,7 +275,4 @@ def _make(scheme: str):
 # one module attribute per scheme, the name --spec gives: prenorm, ..., hybridnorm_star
 ENTRY_POINTS = {s: _make(s) for s in SCHEMES}
 globals().update(ENTRY_POINTS)
-
-from megatron_hybridnorm.models.spec_names import name_the_schemes  # noqa: E402
-
 name_the_schemes(__name__, ENTRY_POINTS)

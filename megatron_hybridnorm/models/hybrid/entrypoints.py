@@ -16,7 +16,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_hybridnorm.models.gpt.entrypoints import from_megatron_lm, start_up_line
 from megatron_hybridnorm.schemes import SCHEMES
-from megatron_hybridnorm.models.hybrid.specs import megatron_layer_specs
+from megatron_hybridnorm.models.hybrid.layer_specs import megatron_layer_specs
 from megatron_hybridnorm.models.hybrid.stack import HybridNormStack, HybridNormStackSubmodules
 
 

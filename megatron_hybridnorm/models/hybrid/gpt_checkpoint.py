@@ -16,6 +16,9 @@ import re
 from pathlib import Path
 
 from megatron_hybridnorm.norms.names import DEPTH_SCALE, RESIDUAL_SCALE
+from megatron_hybridnorm.compat import require_gpt_checkpoint_interop
+from megatron_hybridnorm.models.detection import checkpoint_folder, detect_checkpoint, detect_scheme
+from megatron_hybridnorm.transformer.validate import SchemeMismatchError
 
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
 # the layer's own: its saved norm layout, and LayerNorm Scaling's and DeepNorm's scale buffers,
@@ -81,17 +84,14 @@ def load_gpt_checkpoint(model, path: str | Path, hybrid_layer_pattern: str) -> N
     ``model``, a ``HybridModel`` stage built with ``hybrid_layer_pattern`` and the same scheme;
     another scheme is refused before anything loads. Save the model afterwards for a hybrid
     checkpoint that Megatron-LM's ``pretrain_hybrid.py --load`` reads."""
-    from megatron_hybridnorm.compat import require_gpt_checkpoint_interop
-
     require_gpt_checkpoint_interop()
+    # here, after the check: gpt_checkpoint_interop is megatron-core 0.19's
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.gpt_checkpoint_interop import (
         gpt_compatible_layer_maps,
         retarget_sharded_state_dict_to_gpt_checkpoint,
     )
 
-    from megatron_hybridnorm.models.detection import checkpoint_folder, detect_checkpoint, detect_scheme
-    from megatron_hybridnorm.transformer.validate import SchemeMismatchError
 
     folder = checkpoint_folder(Path(path))
     theirs, mine = detect_checkpoint(folder), detect_scheme(model)

@@ -12,7 +12,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron_hybridnorm.models.gpt.specs import backend
 from megatron_hybridnorm.transformer.validate import SchemeConfigError
 from megatron_hybridnorm.models.hybrid.layouts import check_segment
-from megatron_hybridnorm.models.hybrid.specs import pattern_layer_specs
+from megatron_hybridnorm.models.hybrid.layer_specs import pattern_layer_specs
 
 
 @dataclass
