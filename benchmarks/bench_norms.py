@@ -30,8 +30,11 @@ import argparse
 import json
 import os
 import socket
+import sys
 import time
 import traceback
+
+from pathlib import Path
 
 import torch
 
@@ -358,7 +361,8 @@ def main(argv=None) -> int:
     if not cuda and not args.smoke:
         p.exit(2, "bench_norms.py measures a GPU: run it on one (or pass --smoke to check that "
                   "it runs, under TRITON_INTERPRET=1)\n")
-    from megatron_hybridnorm.testing import Parallel, init_rank
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from launcher import Parallel, init_rank  # the tests' launcher (not in the wheel)
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

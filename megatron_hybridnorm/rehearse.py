@@ -106,6 +106,8 @@ def stand_ins(on_gpu: bool) -> list[str]:
                     "0.16 leaves it undefined without Transformer Engine)")
     if on_gpu:
         return done
+    # here, not at the top: torch and megatron-core load after the arguments parse and
+    # world_of_one() has set the ranks' environment (main)
     import torch
 
     from megatron_hybridnorm.harness.cpu import use_cpu

@@ -17,7 +17,7 @@ from megatron.core import dist_checkpointing  # noqa: E402
 from megatron.core import __version__ as version  # noqa: E402
 
 from helpers import batch, build_gpt, randomize_norms, tiny_config  # noqa: E402
-from megatron_hybridnorm.testing import Parallel, init_rank  # noqa: E402
+from launcher import Parallel, init_rank  # noqa: E402
 
 
 def main(command: str, folder: str, scheme: str) -> None:

@@ -18,7 +18,7 @@ except ImportError:
 
 
 if os.environ.get("TRITON_INTERPRET") == "1":
-    from megatron_hybridnorm.testing.triton_interpreter import fix_old_triton_interpreter_index
+    from triton_interpreter import fix_old_triton_interpreter_index
 
     fix_old_triton_interpreter_index()
 
@@ -28,7 +28,7 @@ def megatron_single_rank():
     """Megatron's parallel state for one rank (gloo on the CPU, NCCL on a GPU), in this process."""
     import torch
 
-    from megatron_hybridnorm.testing import Parallel, init_rank
+    from launcher import Parallel, init_rank
 
     if not torch.distributed.is_initialized():
         with socket.socket() as s:

@@ -121,7 +121,7 @@ def full_width_norm_on_the_models_tp_group(case):
     """FullWidthNorm on this rank's half of the heads, with the model's TP group (both ranks)
     while megatron-core's global TP group is this rank alone: its statistics must be summed
     over the model's group. Returns the output and the weight's gradient."""
-    from megatron_hybridnorm.check.models import small_config
+    from megatron_hybridnorm.check.builders import small_config
     from megatron_hybridnorm.norms import FullWidthNorm
 
     x, w, grad = case
@@ -146,7 +146,7 @@ def layer_spec_entry_point_stage(scheme: str, num_layers: int, vpp: int | None):
     from megatron.core.models.gpt import GPTModel
 
     from megatron_hybridnorm.models.gpt import entrypoints
-    from megatron_hybridnorm.check.models import SEQ, VOCAB, small_config
+    from megatron_hybridnorm.check.builders import SEQ, VOCAB, small_config
 
     spec = entrypoints._layer_spec_entry_point(scheme, getattr(entrypoints, scheme))
     config = small_config(num_layers=num_layers, pipeline_model_parallel_size=2,

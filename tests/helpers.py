@@ -3,7 +3,7 @@ implementation), and test-only helpers."""
 
 from __future__ import annotations
 
-from megatron_hybridnorm.check.models import (  # noqa: F401 - re-exported for the tests
+from megatron_hybridnorm.check.builders import (  # noqa: F401 - re-exported for the tests
     SEQ,
     VOCAB,
     batch,

@@ -29,7 +29,7 @@ def main(tree: str, folders: list[str]) -> None:
 
     from megatron_hybridnorm import compat
     from megatron_hybridnorm.inspect import checkpoint_folder
-    from megatron_hybridnorm.testing import Parallel, init_rank
+    from launcher import Parallel, init_rank
     from megatron_lm_loop import BASE, SPEC
 
     with socket.socket() as s:

@@ -39,7 +39,7 @@ from megatron_hybridnorm.hf.modeling_hybridnorm import (  # noqa: E402
     HybridNormConfig,
     HybridNormForCausalLM,
 )
-from megatron_hybridnorm.testing import Parallel, run_distributed  # noqa: E402
+from launcher import Parallel, run_distributed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_hybridnorm.testing import Parallel, run_distributed
+from launcher import Parallel, run_distributed
 
 import dist_cases
 

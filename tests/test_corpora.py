@@ -18,7 +18,7 @@ import pytest
 from megatron_hybridnorm.train import corpora
 from megatron_hybridnorm.train.corpora import load_corpus
 from megatron_hybridnorm.train.data import DataError
-from megatron_hybridnorm.train.rdata import RDataError, lazyload_strings, unserialize
+from megatron_hybridnorm.train.r_lazyload import RDataError, lazyload_strings, unserialize
 
 DEB = corpora.AUSTEN.filename
 FETCH = corpora.FETCH

@@ -228,7 +228,7 @@ def test_the_core_imports_no_tool():
     """docs/architecture.md's direction: models and building blocks never import the tools
     (the load guards' scheme detection is the library's, models/detection.py)."""
     core = ("models", "transformer", "norms", "kernels", "schemes", "compat")
-    tools = ("train", "check", "hf", "harness", "testing", "bridge", "inspect", "rehearse")
+    tools = ("train", "check", "hf", "harness", "bridge", "inspect", "rehearse")
     graph = package_imports()
     floor = lambda m: m.split(".")[1] if "." in m else ""  # noqa: E731
     ours = [m for m in graph if floor(m) in core]

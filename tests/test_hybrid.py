@@ -16,7 +16,7 @@ if not compat.HAVE_HYBRID_MODEL:
                 "test_versions.py checks the refusal", allow_module_level=True)
 
 from helpers import SEQ, VOCAB, batch, build_gpt, randomize_norms, rel_err, tiny_config
-from megatron_hybridnorm.check.models import build_hybrid
+from megatron_hybridnorm.check.builders import build_hybrid
 from megatron_hybridnorm.models.hybrid import get_hybrid_stack_spec, pattern_layouts
 from megatron_hybridnorm.models.hybrid.layouts import half
 from megatron_hybridnorm.models.hybrid.layer_specs import pattern_layer_specs
@@ -499,7 +499,7 @@ def one_rank(case):
 
 @pytest.fixture(scope="module")
 def parallel_runs():
-    from megatron_hybridnorm.testing import Parallel, run_distributed
+    from launcher import Parallel, run_distributed
 
     import dist_cases
 
@@ -556,7 +556,7 @@ def test_hybrid_pp2_matches_one_rank_with_special_blocks_global(parallel_runs, i
 @pytest.mark.slow
 @needs_interop
 def test_gpt_checkpoint_saved_at_tp2_pp2_loads_into_the_hybrid_model(tmp_path):
-    from megatron_hybridnorm.testing import Parallel, run_distributed
+    from launcher import Parallel, run_distributed
 
     import dist_cases
 

@@ -417,7 +417,7 @@ def test_rope_tables_refuse_odd_or_oversized_rotary_dims():
 
 def test_full_width_qkv_norm_statistics_span_the_tensor_parallel_group():
     """Two gloo ranks each hold half the KV groups: together they give the one-rank result."""
-    from megatron_hybridnorm.testing import run_distributed
+    from launcher import run_distributed
     from megatron_hybridnorm.kernels.qkv_full_norm import qkv_full_norm
 
     sq, b, ng, P, hd = 3, 2, 4, 2, 24
@@ -753,7 +753,7 @@ def test_tensor_parallel_training_with_the_kernels(monkeypatch):
     TP gradient handling goes through the fused kernel's weight gradient, the full-width norm's
     statistics are summed over the TP group between the kernel's passes, and the residual add +
     norm runs on sequence-parallel shards."""
-    from megatron_hybridnorm.testing import Parallel, run_distributed
+    from launcher import Parallel, run_distributed
     from test_tensor_parallel import assert_same_training
 
     import dist_cases

@@ -28,7 +28,8 @@ from megatron.core.models.gpt import GPTModel
 import megatron_hybridnorm as mh
 from megatron_hybridnorm import compat, entrypoints
 from megatron_hybridnorm.harness.gpt_config import gpt_config
-from megatron_hybridnorm.testing import Parallel, init_rank
+sys.path.insert(0, "tests")  # the tests' launcher, beside them (not in the wheel)
+from launcher import Parallel, init_rank
 
 with socket.socket() as s:
     s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]

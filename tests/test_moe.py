@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import megatron_hybridnorm as mh
-from megatron_hybridnorm.testing import Parallel, run_distributed
+from launcher import Parallel, run_distributed
 from helpers import batch, build_gpt, randomize_norms, tiny_config
 from test_tensor_parallel import assert_same_training
 

@@ -74,7 +74,7 @@ def test_the_layout_init_leaves_te_fused_norm_weights_as_built(megatron_single_r
 @pytest.mark.skipif(not compat.HAVE_HYBRID_MODEL, reason="this megatron-core has no HybridModel")
 def test_the_layout_init_leaves_the_hybrid_final_norm_as_built(megatron_single_rank):
     """HybridModel's final norm is decoder.final_norm: no 'layernorm' in its name either."""
-    from megatron_hybridnorm.check.models import build_hybrid
+    from megatron_hybridnorm.check.builders import build_hybrid
 
     model = build_hybrid(tiny_config(num_layers=4), "hybridnorm", "*-*-")
     layout_invariant_init(model, model.config, seed=0)

@@ -107,7 +107,7 @@ def test_apex_path_matches_torch_path(kind, zero_centered):
 def test_full_width_norm_sums_over_the_models_tp_group_not_the_global_one():
     """It all-reduced over megatron-core's global TP group, not the model's pg_collection.tp."""
     import dist_cases
-    from megatron_hybridnorm.testing import Parallel, run_distributed
+    from launcher import Parallel, run_distributed
 
     torch.manual_seed(0)
     x, grad = torch.randn(3, 2, 4, 16), torch.randn(3, 2, 4, 16)

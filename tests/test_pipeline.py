@@ -7,7 +7,7 @@ import os
 import pytest
 
 import megatron_hybridnorm as mh
-from megatron_hybridnorm.testing import Parallel, run_distributed
+from launcher import Parallel, run_distributed
 from test_tensor_parallel import assert_same_training
 
 import dist_cases

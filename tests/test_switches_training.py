@@ -6,7 +6,7 @@ gradients (or parameters) as without the switch."""
 
 import pytest
 
-from megatron_hybridnorm.testing import Parallel, run_distributed
+from launcher import Parallel, run_distributed
 from test_tensor_parallel import assert_same_training
 
 import dist_cases

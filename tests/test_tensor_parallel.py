@@ -6,7 +6,7 @@ import os
 import pytest
 
 from helpers import rel_err
-from megatron_hybridnorm.testing import Parallel, run_distributed
+from launcher import Parallel, run_distributed
 
 import dist_cases
 

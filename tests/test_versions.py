@@ -154,7 +154,7 @@ def test_layer_spec_entry_point_places_the_special_layers_globally_under_pp(sche
     from dataclasses import asdict
 
     import dist_cases
-    from megatron_hybridnorm.testing import Parallel, run_distributed
+    from launcher import Parallel, run_distributed
 
     n = 8
     ranks = run_distributed(dist_cases.layer_spec_entry_point_stage, 2,

@@ -3,6 +3,6 @@ model at one rank, on the stack it runs on. The test suite runs the same code on
 
     torchrun --nproc-per-node 4 -m megatron_hybridnorm.check --scheme hybridnorm_star --tp 2 --pp 2
 
-``models.py`` builds the small model and its data, ``training.py`` trains it in a layout,
+``builders.py`` builds the small model and its data, ``training.py`` trains it in a layout,
 ``compare.py`` turns two runs into checks, ``cli.py`` is the command.
 """

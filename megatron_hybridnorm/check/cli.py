@@ -25,6 +25,11 @@ import torch
 
 from megatron_hybridnorm.schemes import SCHEMES
 from megatron_hybridnorm.check import compare, faults
+from megatron_hybridnorm.harness.cpu import use_cpu
+from megatron_hybridnorm.kernels.report import paths
+from megatron_hybridnorm.check import training
+from megatron_hybridnorm.transformer.validate import SchemeMismatchError
+from megatron_hybridnorm.harness.layout_init import gather_full, global_name
 
 
 def parser() -> argparse.ArgumentParser:
@@ -132,8 +137,6 @@ def _init(layout, seed=1234):
 
 
 def _setup_process_group() -> None:
-    from megatron_hybridnorm.harness.cpu import use_cpu
-
     if not torch.cuda.is_available():
         use_cpu()
     if "RANK" not in os.environ:  # a plain `python -m ...`: a world of one
@@ -172,9 +175,6 @@ def environment(args, dp: int, paths: dict) -> dict:
 
 def run(args, dp: int) -> tuple[list[compare.Check], dict]:
     """Every rank: the three runs and its checks; returns (merged checks, kernel paths)."""
-    from megatron_hybridnorm.kernels.report import paths
-    from megatron_hybridnorm.check import training
-
     case = case_from(args)
     reference_case = dict(case, sp=False, replicate_batch=True)
     _init({})
@@ -187,9 +187,6 @@ def run(args, dp: int) -> tuple[list[compare.Check], dict]:
     training.save(parallel["chunks"], ckpt)
     torch.distributed.barrier()
     _init({})
-    from megatron_hybridnorm.transformer.validate import SchemeMismatchError
-    from megatron_hybridnorm.harness.layout_init import global_name
-    from megatron_hybridnorm.harness.layout_init import gather_full
 
     try:
         loaded = training.load(reference_case, ckpt)

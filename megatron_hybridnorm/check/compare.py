@@ -7,7 +7,7 @@ import re
 from dataclasses import asdict, dataclass
 
 from megatron_hybridnorm.norms.names import is_head_norm_parameter, is_norm_parameter
-from megatron_hybridnorm.check.models import rel_err
+from megatron_hybridnorm.check.builders import rel_err
 
 # Relative tolerances by compute precision. fp32: the same arithmetic in another order (TP/SP
 # split reductions, DP all-reduce), 1e-5; parameters after 3 Adam steps 1e-4, because Adam's

@@ -20,7 +20,7 @@ from megatron_hybridnorm.schemes import get_scheme
 from megatron_hybridnorm.harness.layout_init import gather_full, global_name, layout_invariant_init
 from megatron_hybridnorm.norms.names import DEPTH_SCALE, is_norm_parameter
 from megatron_hybridnorm.check import faults
-from megatron_hybridnorm.check.models import (batch, build_gpt, build_hybrid, randomize_norms,
+from megatron_hybridnorm.check.builders import (batch, build_gpt, build_hybrid, randomize_norms,
                                              small_config)
 from megatron_hybridnorm.harness.steps import forward_step, mean_over_batch, microbatches
 from megatron_hybridnorm.models.detection import check_checkpoint

@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     i.add_argument("folder")
     i.add_argument("out")
     args = p.parse_args(argv)
-    try:
+    try:  # here, after parsing: --help without the [hf] extra, and its absence named
         from megatron_hybridnorm.hf.architecture import ExportError
         from megatron_hybridnorm.hf.convert import export, import_hf
     except ImportError as e:

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from megatron_hybridnorm.schemes import get_scheme
+from megatron_hybridnorm.harness.gpt_config import gpt_config
+from megatron_hybridnorm.models.gpt.specs import get_decoder_block_spec
 
 
 class ExportError(ValueError):
@@ -145,8 +147,6 @@ class Architecture:
 
     def transformer_config(self, **overrides):
         """A one-rank TransformerConfig on the CPU, in fp32."""
-        from megatron_hybridnorm.harness.gpt_config import gpt_config
-
         return gpt_config(**{**self.transformer_fields(), "gradient_accumulation_fusion": False,
                              "apply_rope_fusion": False, **overrides})
 
@@ -154,7 +154,6 @@ class Architecture:
         """A one-rank Megatron GPTModel of this architecture (parallel state set up)."""
         from megatron.core.models.gpt import GPTModel
 
-        from megatron_hybridnorm.models.gpt.specs import get_decoder_block_spec
 
         config = config or self.transformer_config()
         spec = get_decoder_block_spec(config, self.scheme, **self.options())

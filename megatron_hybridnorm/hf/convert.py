@@ -17,6 +17,9 @@ from pathlib import Path
 
 from megatron_hybridnorm.models.detection import check_checkpoint, checkpoint_folder, detect_checkpoint
 from megatron_hybridnorm.hf.architecture import Architecture, ExportError, run_config_of
+from megatron_hybridnorm.harness.dist import setup
+from megatron_hybridnorm.norms.names import DEPTH_SCALE, RESIDUAL_SCALE
+from megatron_hybridnorm.hf.tokenizer import byte_level_tokenizer
 
 MODELING = Path(__file__).with_name("modeling_hybridnorm.py")
 AUTO_MAP = {"AutoConfig": "modeling_hybridnorm.HybridNormConfig",
@@ -33,7 +36,6 @@ def one_rank() -> None:
             raise ExportError("export and import run at one rank: call them outside a "
                               "tensor- or pipeline-parallel run")
         return
-    from megatron_hybridnorm.harness.dist import setup
 
     setup(tp=1, pp=1, seed=0)
 
@@ -104,8 +106,6 @@ def _refuse_unexpected_model_keys(folder: Path, sharded: dict) -> None:
 def _derived(key: str) -> bool:
     """What each side rebuilds from the layout and is not exported: the layers' saved norm
     layout and the scale buffers of LayerNorm Scaling and DeepNorm."""
-    from megatron_hybridnorm.norms.names import DEPTH_SCALE, RESIDUAL_SCALE
-
     return key.endswith(("_extra_state", f".{DEPTH_SCALE}", f".{RESIDUAL_SCALE}"))
 
 
@@ -113,6 +113,7 @@ def export(checkpoint, out) -> Path:
     """Write the Hugging Face folder ``out`` for a Megatron checkpoint; returns ``out``."""
     from safetensors.torch import save_file
 
+    # here, not at the top (as safetensors): the [hf] extra's transformers
     from megatron_hybridnorm.hf.modeling_hybridnorm import HybridNormConfig
 
     folder = checkpoint_folder(Path(checkpoint))
@@ -133,7 +134,6 @@ def export(checkpoint, out) -> Path:
 
 def _write_tokenizer(out: Path, args, run) -> None:
     if run is not None and run.get("args", {}).get("data_path") is None:  # byte-level text
-        from megatron_hybridnorm.hf.tokenizer import byte_level_tokenizer
 
         byte_level_tokenizer().save_pretrained(out)
     elif args is not None and getattr(args, "tokenizer_type", None) == "HuggingFaceTokenizer":

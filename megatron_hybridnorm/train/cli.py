@@ -17,7 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_hybridnorm import __version__
 from megatron_hybridnorm.extras import MissingExtra, require
+from megatron_hybridnorm.schemes import SCHEMES
 from megatron_hybridnorm.train.corpora import NAMES
 from megatron_hybridnorm.train.presets import PRESETS
 
@@ -147,8 +149,6 @@ def parse(argv=None):
 
 def resolve(args, world_size: int, cuda: bool):
     """Fill defaults that depend on other flags, and check everything that can be checked."""
-    from megatron_hybridnorm.schemes import SCHEMES
-
     args.scheme_list = [s.strip() for s in args.schemes.split(",") if s.strip()]
     bad = [s for s in args.scheme_list if s not in SCHEMES]
     if bad or not args.scheme_list:
@@ -228,7 +228,8 @@ def resolve(args, world_size: int, cuda: bool):
         raise ArgError(f"--grad-flow-steps must lie in 1..{args.steps}")
     if args.text is None and args.data_path is None and args.vocab_size is not None:
         raise ArgError("--vocab-size applies to --data-path only (byte-level text has 256)")
-    # what the spec builder would refuse, now rather than after the data is read
+    # what the spec builder would refuse, now rather than after the data is read (megatron-core
+    # loads here, not at the top, so that --help and argument errors come without it)
     from megatron_hybridnorm import SchemeConfigError, get_decoder_block_spec
     from megatron_hybridnorm.train.model import scheme_options, transformer_config
 
@@ -276,8 +277,6 @@ def versions() -> dict:
     from importlib.metadata import version
 
     import torch
-
-    from megatron_hybridnorm import __version__
 
     # (megatron.core.__version__ appends the git hash of the current directory's repository)
     return {"python": sys.version.split()[0], "torch": torch.__version__,
@@ -332,6 +331,8 @@ def main(argv=None) -> int:
         p.exit(2, f"hybridnorm-train: error: {e}\n")
     if not args.verbose:
         quiet()
+    # here, not at the top: plots and progress bars need the [train] extra, checked above, and
+    # torch and megatron-core load after the arguments parse and their warnings are quieted
     import torch
 
     from megatron_hybridnorm.harness import dist
@@ -362,7 +363,7 @@ def main(argv=None) -> int:
 
     device = dist.setup(args.tp, args.pp, args.seed)
     main_rank = dist.is_main()
-    from megatron_hybridnorm.kernels import report
+    from megatron_hybridnorm.kernels import report  # torch's, as above
 
     kernel_paths: list[str] = []  # the norms' kernel paths, printed after the progress bars
     report.divert(kernel_paths)
@@ -438,7 +439,7 @@ def main(argv=None) -> int:
         written = ["metrics.jsonl", "summary.json", *figures, "config.json"]
         if kernel_paths:
             written.append("kernel_paths.txt")
-            from megatron_hybridnorm.kernels.dispatch import kernel_mode
+            from megatron_hybridnorm.kernels.dispatch import kernel_mode  # torch's, as above
 
             choice = kernel_mode()
             if choice == "torch":

@@ -36,7 +36,7 @@ from pathlib import Path
 from megatron_hybridnorm.train.data import (BYTE_VOCAB, Corpus, DataError, TokenStream, _split,
                                             documents_up_to, indexed_corpus, stdlib_corpus,
                                             text_corpus)
-from megatron_hybridnorm.train.rdata import RDataError, lazyload_strings
+from megatron_hybridnorm.train.r_lazyload import RDataError, lazyload_strings
 
 
 @dataclass(frozen=True)

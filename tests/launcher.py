@@ -1,5 +1,6 @@
-"""Run a function on N gloo processes with Megatron's parallel state set up, and report each
-rank's failure clearly. Hangs end at a timeout that names the ranks that did not finish."""
+"""The tests' (and the benchmarks') multi-process launcher: run a function on N gloo processes
+with Megatron's parallel state set up, and report each rank's failure clearly. Hangs end at a
+timeout that names the ranks that did not finish. It lives beside the tests, not in the wheel."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def init_rank(rank: int, world_size: int, port: int, layout: Parallel, seed: int
 
     use_cpu()
     if os.environ.get("TRITON_INTERPRET") == "1":
-        from megatron_hybridnorm.testing.triton_interpreter import fix_old_triton_interpreter_index
+        from triton_interpreter import fix_old_triton_interpreter_index
 
         fix_old_triton_interpreter_index()
     backend = "nccl" if torch.cuda.is_available() else "gloo"

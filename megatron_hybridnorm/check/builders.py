@@ -9,6 +9,9 @@ import zlib
 import torch
 
 from megatron_hybridnorm.norms.names import is_norm_parameter
+from megatron_hybridnorm.harness.gpt_config import gpt_config
+import megatron_hybridnorm as mh
+from megatron_hybridnorm.harness.layout_init import full_shape, global_name, shard
 
 VOCAB = 96  # divisible by every TP size up to 32
 SEQ = 16
@@ -16,8 +19,6 @@ SEQ = 16
 
 def small_config(**overrides):
     """A small GQA/SwiGLU/RoPE config: 4 layers, d 64, 4 heads over 2 query groups, fp32."""
-    from megatron_hybridnorm.harness.gpt_config import gpt_config
-
     return gpt_config(**{**dict(num_layers=4, hidden_size=64, num_attention_heads=4,
                                 num_query_groups=2, ffn_hidden_size=96), **overrides})
 
@@ -32,7 +33,6 @@ def build_gpt(config, scheme, *, pre_process=True, post_process=True, vp_stage=N
     """This pipeline (and virtual pipeline) stage of a GPTModel of ``scheme``."""
     from megatron.core.models.gpt import GPTModel
 
-    import megatron_hybridnorm as mh
 
     spec = mh.get_decoder_block_spec(config, scheme, vp_stage=vp_stage,
                                      use_transformer_engine=use_transformer_engine, **options)
@@ -50,6 +50,7 @@ def build_hybrid(config, scheme, pattern, *, pre_process=True, post_process=True
                  use_transformer_engine=False, **options):
     """This pipeline (and virtual pipeline) stage of a HybridModel of ``scheme`` on ``pattern``
     (``|`` splits it into pipeline stages)."""
+    # here, not at the top: HybridModel is megatron-core >= 0.18's, and GPT checks run on 0.16
     from megatron.core.models.hybrid.hybrid_model import HybridModel
 
     from megatron_hybridnorm.models.hybrid import get_hybrid_stack_spec
@@ -70,8 +71,6 @@ def build_hybrid(config, scheme, pattern, *, pre_process=True, post_process=True
 def randomize_norms(model, seed=7):
     """Norm weights that are not 1 (and LayerNorm biases that are not 0), drawn per global
     parameter name: the same values at any TP/PP layout."""
-    from megatron_hybridnorm.harness.layout_init import full_shape, global_name, shard
-
     tp, rank = _tp()
     with torch.no_grad():
         for name, p in model.named_parameters():
