@@ -239,6 +239,12 @@ SCHEME_TABLE: dict[str, Scheme] = {
 SCHEMES: tuple[str, ...] = tuple(SCHEME_TABLE)
 
 
+def resolve_scheme(scheme: str | Scheme) -> Scheme:
+    """A public entry point's ``scheme``, a name or a ``Scheme``, as the ``Scheme``: resolved
+    once, at the top; what the entry point calls below takes the object."""
+    return scheme if isinstance(scheme, Scheme) else get_scheme(scheme)
+
+
 def get_scheme(name: str) -> Scheme:
     try:
         return SCHEME_TABLE[name]

@@ -145,10 +145,11 @@ def layer_spec_entry_point_stage(scheme: str, num_layers: int, vpp: int | None):
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    from megatron_hybridnorm.models.gpt import entrypoints
+    from megatron_hybridnorm import get_scheme
     from megatron_hybridnorm.check.builders import SEQ, VOCAB, small_config
+    from megatron_hybridnorm.models.gpt import entrypoints
 
-    spec = entrypoints._layer_spec_entry_point(scheme, getattr(entrypoints, scheme))
+    spec = entrypoints._layer_spec_entry_point(get_scheme(scheme), getattr(entrypoints, scheme))
     config = small_config(num_layers=num_layers, pipeline_model_parallel_size=2,
                           virtual_pipeline_model_parallel_size=vpp, transformer_impl="local",
                           pipeline_dtype=torch.float32)

@@ -258,7 +258,7 @@ def test_no_apt_get_says_what_to_run_and_what_to_pass(tmp_path, monkeypatch, cap
     rc, out, err = run_fetch(capsys)
     assert rc == 2
     assert "no apt-get on this machine" in err
-    assert f"run 'apt-get download r-cran-janeaustenr=1.0.0-1'" in err
+    assert "run 'apt-get download r-cran-janeaustenr=1.0.0-1'" in err
     assert f"{FETCH} --from {DEB}" in err
     assert "://" not in err
 

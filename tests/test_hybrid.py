@@ -21,7 +21,7 @@ from megatron_hybridnorm.models.hybrid import get_hybrid_stack_spec, pattern_lay
 from megatron_hybridnorm.models.hybrid.layouts import half
 from megatron_hybridnorm.models.hybrid.layer_specs import pattern_layer_specs
 from megatron_hybridnorm.inspect import detect_checkpoint, detect_scheme
-from megatron_hybridnorm.schemes import LayerNorms
+from megatron_hybridnorm.schemes import LayerNorms, get_scheme
 from test_moe import MOE
 
 L = 4
@@ -149,7 +149,7 @@ def test_mamba_pattern_structure():
     """``M-M*-M-M*-``: our attention and MLP layers between megatron-core's Mamba layers (which
     need mamba-ssm and CUDA to build; see the GPU test below)."""
     pattern = "M-M*-M-M*-"
-    specs = pattern_layer_specs(tiny_config(num_layers=10), "hybridnorm", pattern)
+    specs = pattern_layer_specs(tiny_config(num_layers=10), get_scheme("hybridnorm"), pattern)
     assert sorted(specs) == [i for i, s in enumerate(pattern) if s != "M"]
     for i, spec in specs.items():
         sub = spec.submodules
@@ -236,7 +236,7 @@ def test_te_pattern_layers_are_the_te_gpt_layers_halves(monkeypatch, scheme, moe
     gpt = mh.get_decoder_block_spec(tiny_config(num_layers=L, **extra), scheme,
                                     use_transformer_engine=True).layer_specs
     pattern = ("*E" if moe else "*-") * L
-    hyb = pattern_layer_specs(tiny_config(num_layers=2 * L, **extra), scheme, pattern,
+    hyb = pattern_layer_specs(tiny_config(num_layers=2 * L, **extra), get_scheme(scheme), pattern,
                               use_transformer_engine=True)
     for i, spec in enumerate(gpt):
         want = te_slots(spec)

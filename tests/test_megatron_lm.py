@@ -11,6 +11,7 @@ from megatron_hybridnorm.models.gpt import specs as gpt_specs
 from megatron_hybridnorm import compat
 from megatron_hybridnorm.models.gpt import entrypoints
 from megatron_hybridnorm.inspect import detect_checkpoint, detect_scheme, main as inspect_main
+from megatron_hybridnorm.schemes import get_scheme
 from helpers import SEQ, VOCAB, batch, build_gpt, tiny_config
 from test_moe import MOE
 
@@ -59,9 +60,9 @@ def test_entry_point_options_from_the_environment(megatron_single_rank, monkeypa
 
 def test_te_ffn_norm_from_the_environment():
     env = {"HYBRIDNORM_TE_FFN_NORM": "fused_add"}
-    assert entrypoints.options_from_env("hybridnorm_star", env) == ({"te_ffn_norm": "fused_add"},
+    assert entrypoints.options_from_env(get_scheme("hybridnorm_star"), env) == ({"te_ffn_norm": "fused_add"},
                                                                     [])
-    assert entrypoints.options_from_env("prenorm", env) == (
+    assert entrypoints.options_from_env(get_scheme("prenorm"), env) == (
         {}, ["HYBRIDNORM_TE_FFN_NORM does not apply to prenorm and is not used"])
     with pytest.raises(mh.SchemeConfigError, match="use_transformer_engine=True"):
         mh.get_decoder_block_spec(tiny_config(), "hybridnorm", te_ffn_norm="in_linear")

@@ -6,6 +6,7 @@ import torch
 
 import megatron_hybridnorm as mh
 from megatron_hybridnorm.models.gpt import entrypoints
+from megatron_hybridnorm.schemes import get_scheme
 from helpers import batch, build_gpt, randomize_norms, rel_err, tiny_config
 
 MOE_OVERLAP = dict(num_moe_experts=4, moe_router_topk=2, expert_model_parallel_size=2,
@@ -39,7 +40,7 @@ def test_dyt_before_megatron_core_0_19_is_refused_by_the_megatron_lm_entry_point
     """Before 0.19 Megatron-LM adds its own final norm around a --spec layer, with no DyT."""
     monkeypatch.setattr(entrypoints, "SPEC_CALLABLES_ARE_CALLED", False)
     with pytest.raises(mh.SchemeConfigError, match="DyT.*0.19 or later"):
-        entrypoints.check_megatron_lm_config("periln", tiny_config(normalization="DyT"))
+        entrypoints.check_megatron_lm_config(get_scheme("periln"), tiny_config(normalization="DyT"))
 
 
 @pytest.mark.parametrize("impl,modules,fused", [
@@ -92,8 +93,8 @@ def test_fsdp_with_tensor_parallel_head_norms_is_said_to_be_untested():
 
     args = SimpleNamespace(use_megatron_fsdp=True, use_torch_fsdp2=False)
     tp2 = tiny_config(tensor_model_parallel_size=2)
-    [note] = entrypoints.untested_notes("hybridnorm", tp2, args)
+    [note] = entrypoints.untested_notes(get_scheme("hybridnorm"), tp2, args)
     assert note.startswith("--use-megatron-fsdp with tensor parallelism is untested")
-    assert entrypoints.untested_notes("prenorm", tp2, args) == []  # no per-head norms
-    assert entrypoints.untested_notes("hybridnorm", tiny_config(), args) == []  # TP = 1
-    assert entrypoints.untested_notes("hybridnorm", tp2, None) == []  # not in Megatron-LM
+    assert entrypoints.untested_notes(get_scheme("prenorm"), tp2, args) == []  # no per-head norms
+    assert entrypoints.untested_notes(get_scheme("hybridnorm"), tiny_config(), args) == []  # TP = 1
+    assert entrypoints.untested_notes(get_scheme("hybridnorm"), tp2, None) == []  # not in Megatron-LM

@@ -78,7 +78,7 @@ def test_layer_spec_entry_point_builds_the_scheme(megatron_single_rank, capsys, 
     0.18 it is the module attribute itself; elsewhere it is built here the same way."""
     build = getattr(entrypoints, scheme)
     spec = build if not compat.SPEC_CALLABLES_ARE_CALLED else \
-        entrypoints._layer_spec_entry_point(scheme, build)
+        entrypoints._layer_spec_entry_point(mh.get_scheme(scheme), build)
     if not compat.SPEC_CALLABLES_ARE_CALLED:
         assert compat.import_module(("megatron_hybridnorm.entrypoints", scheme)) is spec
     torch.manual_seed(0)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_hybridnorm.models.gpt.specs import get_decoder_block_spec
-from megatron_hybridnorm.schemes import SCHEMES, Scheme, get_scheme
+from megatron_hybridnorm.schemes import SCHEMES, Scheme, resolve_scheme
 from megatron_hybridnorm.transformer.validate import SchemeConfigError, check_options
 
 
@@ -44,7 +44,7 @@ class SchemeLayerSpec:
     options: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        scheme = self.scheme if isinstance(self.scheme, Scheme) else get_scheme(self.scheme)
+        scheme = resolve_scheme(self.scheme)
         object.__setattr__(self, "scheme", scheme)
         check_options(scheme, dict(self.options))
 

@@ -57,7 +57,7 @@ class Architecture:
                    num_attention_heads=a["heads"], num_query_groups=a["kv_heads"],
                    ffn_hidden_size=a["ffn_hidden"], vocab_size=vocab,
                    max_position_embeddings=a["seq_len"], rope_base=a["rope_base"],
-                   tied_embeddings=not a["untie_embeddings"], qkv_norm=a.get("qkv_norm") or get_scheme(scheme).qkv_norm,
+                   tied_embeddings=not a["untie_embeddings"], qkv_norm=a.get("qkv_norm"),
                    mixln_fraction=a.get("mixln_fraction"),
                    normalization=a.get("normalization", "RMSNorm"))
 

@@ -22,7 +22,7 @@ from megatron_hybridnorm.norms.names import (
     is_norm_parameter,
     norm_checkpoint_prefix,
 )
-from megatron_hybridnorm.schemes import SCHEMES, LayerNorms, get_scheme
+from megatron_hybridnorm.schemes import SCHEME_TABLE, LayerNorms, Scheme, get_scheme, resolve_scheme
 from megatron_hybridnorm.transformer.validate import SchemeConfigError, SchemeMismatchError
 
 _LAYER = re.compile(r"^decoder\.layers\.(?:(\d+)\.)?(.+)$")
@@ -63,14 +63,14 @@ class Finding:
         """Mix-LN's number of Post-Norm blocks (None for the other schemes)."""
         return None if self.mixln_fraction is None else round(self.mixln_fraction * self.num_blocks)
 
-    def mismatch(self, scheme: str, qkv_norm: str | None = None,
+    def mismatch(self, scheme: str | Scheme, qkv_norm: str | None = None,
                  head_blocks: int | None = None, normalization: str | None = None) -> str | None:
         """Why this (a checkpoint's finding) is not ``scheme`` with these options; None when it
         is. The one scheme-level comparison behind the refusals before loading (the entry
         points' ``--load`` check, GPT checkpoints into a HybridModel); ``check_checkpoint``
         compares layer by layer, and each layer's saved layout is checked again as it loads."""
-        s = get_scheme(scheme)
-        wanted = (scheme, qkv_norm if s.has_head_norms else None,
+        s = resolve_scheme(scheme)
+        wanted = (s.name, qkv_norm if s.has_head_norms else None,
                   head_blocks if s.head_fraction is not None else None)
         found = (self.scheme, self.qkv_norm, self.head_blocks)
         if found == wanted and normalization in (None, self.normalization):
@@ -79,7 +79,7 @@ class Finding:
             return f"holds {self.normalization} norms, not {normalization}"
         held = (str(self).splitlines()[0].removeprefix("scheme: ") if self.scheme
                 else f"norms of no known scheme ({self.num_layers} layers)")
-        return (f"holds {held}, not {scheme}"
+        return (f"holds {held}, not {s.name}"
                 f"{f' (qkv_norm={wanted[1]})' if wanted[1] else ''}"
                 f"{f' ({head_blocks} Post-Norm blocks)' if wanted[2] is not None else ''}")
 
@@ -104,20 +104,19 @@ class Finding:
                 f"  {get_scheme(self.scheme).summary}")
 
 
-def _fractions(name: str, n: int) -> list[float | None]:
+def _fractions(s: Scheme, n: int) -> list[float | None]:
     """The head fractions to try for a scheme over n layers (or blocks): k / n for Mix-LN."""
-    return [None] if get_scheme(name).head_fraction is None else [k / n for k in range(n + 1)]
+    return [None] if s.head_fraction is None else [k / n for k in range(n + 1)]
 
 
 def match(layers: list[frozenset[str]], moe: list[bool]) -> tuple[str | None, float | None]:
     """The first scheme (in SCHEMES order) whose layouts give exactly these norm keys."""
     n = len(layers)
-    for name in SCHEMES:
-        s = get_scheme(name)
-        for f in _fractions(name, n):
+    for s in SCHEME_TABLE.values():
+        for f in _fractions(s, n):
             expected = [layer_norm_keys(lay, m) for lay, m in zip(s.layouts(n, f), moe)]
             if expected == layers:
-                return name, f
+                return s.name, f
     return None, None
 
 
@@ -130,15 +129,15 @@ def match_pattern(layers: dict[int, frozenset[str]], pattern: str
     from megatron_hybridnorm.models.hybrid.layouts import pattern_layouts
 
     n = pattern.count("*")
-    for name in SCHEMES:
-        for f in _fractions(name, n) if n else []:
+    for s in SCHEME_TABLE.values():
+        for f in _fractions(s, n) if n else []:
             try:
-                placed = pattern_layouts(name, pattern, f)
+                placed = pattern_layouts(s, pattern, f)
             except SchemeConfigError:
                 continue
             if all(layer_norm_keys(p.norms, p.symbol == "E") == layers.get(i, frozenset())
                    for i, p in enumerate(placed) if p.norms is not None):
-                return name, f
+                return s.name, f
     return None, None
 
 

@@ -44,7 +44,7 @@ from megatron_hybridnorm.models.detection import checkpoint_folder, detect_check
 from megatron_hybridnorm.models.spec_names import name_the_schemes
 from megatron_hybridnorm.transformer.validate import SchemeConfigError, SchemeMismatchError
 from megatron_hybridnorm.transformer.layer import HybridTransformerLayer
-from megatron_hybridnorm.schemes import SCHEMES, get_scheme
+from megatron_hybridnorm.schemes import SCHEMES, Scheme, get_scheme
 from megatron_hybridnorm.models.gpt.specs import get_decoder_block_spec
 
 ENV_OPTIONS = {
@@ -55,14 +55,14 @@ ENV_OPTIONS = {
 ENV_RUNTIME = ("HYBRIDNORM_KERNELS",)  # read by each norm and attention as the model builds
 
 
-def options_from_env(scheme: str, environ=os.environ) -> tuple[dict, list[str]]:
+def options_from_env(scheme: Scheme, environ=os.environ) -> tuple[dict, list[str]]:
     """(options for ``scheme``, notes about environment options it does not use)."""
     known = (*ENV_OPTIONS, *ENV_RUNTIME)
     unknown = [k for k in environ if k.startswith("HYBRIDNORM_") and k not in known]
     if unknown:
         raise ValueError(f"unknown {', '.join(sorted(unknown))}; megatron-hybridnorm reads "
                          f"{', '.join(known)}")
-    takes = get_scheme(scheme).option_defaults()
+    takes = scheme.option_defaults()
     options, notes = {}, []
     for var, (option, cast) in ENV_OPTIONS.items():
         if var not in environ:
@@ -74,7 +74,7 @@ def options_from_env(scheme: str, environ=os.environ) -> tuple[dict, list[str]]:
         if option in takes:
             options[option] = value
         else:
-            notes.append(f"{var} does not apply to {scheme} and is not used")
+            notes.append(f"{var} does not apply to {scheme.name} and is not used")
     return options, notes
 
 
@@ -93,10 +93,10 @@ def _megatron_lm_load_path() -> str | None:
     return getattr(_megatron_lm_args(), "load", None)
 
 
-def untested_notes(scheme: str, config, args) -> list[str]:
+def untested_notes(scheme: Scheme, config, args) -> list[str]:
     """Switches this package has not run with, said at start-up."""
     fsdp = [flag for flag in ("use_megatron_fsdp", "use_torch_fsdp2") if getattr(args, flag, False)]
-    if fsdp and get_scheme(scheme).has_head_norms and config.tensor_model_parallel_size > 1:
+    if fsdp and scheme.has_head_norms and config.tensor_model_parallel_size > 1:
         return [f"--{fsdp[0].replace('_', '-')} with tensor parallelism is untested with this "
                 "scheme's per-head norms (their TP gradient sum relies on megatron-core's "
                 "finalize_model_grads, which handles it for FSDP too; megatron-core 0.19.2's "
@@ -104,7 +104,7 @@ def untested_notes(scheme: str, config, args) -> list[str]:
     return []
 
 
-def check_load_matches(scheme: str, options: dict, path: str | None,
+def check_load_matches(scheme: Scheme, options: dict, path: str | None,
                        module: str = "megatron_hybridnorm.entrypoints",
                        normalization: str | None = None) -> list[str]:
     """Refuse, before the model exists, to resume a checkpoint of another scheme; returns notes
@@ -127,13 +127,12 @@ def check_load_matches(scheme: str, options: dict, path: str | None,
                 "in Megatron's loader with missing or unexpected norm keys. Dist checkpoints "
                 "(--ckpt-format torch_dist) are checked, and named by "
                 "python -m megatron_hybridnorm.inspect"]
-    s = get_scheme(scheme)
-    why = found.mismatch(scheme, options.get("qkv_norm", s.qkv_norm),
-                         s.num_head_layers(found.num_blocks, options.get("mixln_fraction")),
+    why = found.mismatch(scheme, options.get("qkv_norm", scheme.qkv_norm),
+                         scheme.num_head_layers(found.num_blocks, options.get("mixln_fraction")),
                          normalization)
     if why:
         raise SchemeMismatchError(
-            f"--load {path} {why}, which --spec {module} {scheme} builds: pass the checkpoint's "
+            f"--load {path} {why}, which --spec {module} {scheme.name} builds: pass the checkpoint's "
             "scheme (and --normalization), or another --load")
     return []
 
@@ -159,35 +158,35 @@ def _rank0() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
-def check_megatron_lm_config(scheme: str, config) -> None:
+def check_megatron_lm_config(scheme: Scheme, config) -> None:
     """What Megatron-LM would get wrong silently around a --spec, refused before it builds."""
     if getattr(config, "mtp_num_layers", None):
         raise SchemeConfigError(
-            f"norm scheme {scheme!r}: Megatron-LM (0.16 to 0.20) builds multi-token-prediction "
+            f"norm scheme {scheme.name!r}: Megatron-LM (0.16 to 0.20) builds multi-token-prediction "
             "layers from its default Pre-Norm spec, not from --spec, so they would not be this "
             "scheme's; "
             "unset --mtp-num-layers (in your own code, pass GPTModel an mtp_block_spec built "
             "from megatron_hybridnorm.get_layer_spec)")
     if config.normalization == "DyT" and not SPEC_CALLABLES_ARE_CALLED:
         raise SchemeConfigError(
-            f"norm scheme {scheme!r}: normalization DyT, but before 0.19 Megatron-LM adds its "
+            f"norm scheme {scheme.name!r}: normalization DyT, but before 0.19 Megatron-LM adds its "
             "own final norm around a --spec layer (TE's, Apex's or torch's), which has no DyT; "
             "use megatron-core 0.19 or later, or RMSNorm/LayerNorm (--normalization)")
 
 
-def start_up_line(scheme: str, options: dict, use_te: bool, what: str, notes: list[str],
+def start_up_line(scheme: Scheme, options: dict, use_te: bool, what: str, notes: list[str],
                   model: str = "") -> None:
     """Rank 0's ``megatron-hybridnorm: built <scheme> ...`` line and its notes: the proof that
     Megatron-LM imported this --spec and did not fall back to its default model."""
     if _rank0():
         shown = ", ".join(f"{k}={v}" for k, v in options.items())
-        print(f"megatron-hybridnorm: built {scheme}{f' ({shown})' if shown else ''}{model} on "
+        print(f"megatron-hybridnorm: built {scheme.name}{f' ({shown})' if shown else ''}{model} on "
               f"{'transformer_engine' if use_te else 'local'} modules, {what}", flush=True)
         for note in notes:
             print(f"megatron-hybridnorm: {note}", flush=True)
 
 
-def from_megatron_lm(scheme: str, config, module: str) -> tuple[bool, dict, list[str]]:
+def from_megatron_lm(scheme: Scheme, config, module: str) -> tuple[bool, dict, list[str]]:
     """(use_te, options, notes) of an entry point inside Megatron-LM, the GPT's and the hybrid
     stack's alike: the backend from --transformer-impl, the options from the environment, a
     --load of another scheme refused, the switches this package has not run with noted."""
@@ -199,7 +198,7 @@ def from_megatron_lm(scheme: str, config, module: str) -> tuple[bool, dict, list
     return use_te, options, notes
 
 
-def _stage_spec(scheme: str, config, vp_stage: int | None):
+def _stage_spec(scheme: Scheme, config, vp_stage: int | None):
     """(this stage's block spec, options, notes, use_te), the checks done."""
     check_megatron_lm_config(scheme, config)
     use_te, options, notes = from_megatron_lm(scheme, config, "megatron_hybridnorm.entrypoints")
@@ -230,7 +229,7 @@ class SchemeLayer(HybridTransformerLayer):
     docstring). Constructing one returns the ``HybridTransformerLayer`` that the scheme's block
     spec has at that position (``__new__`` returns it, so this class never has instances)."""
 
-    def __new__(cls, config, *args, scheme: str, layer_number: int = 1,
+    def __new__(cls, config, *args, scheme: Scheme, layer_number: int = 1,
                 vp_stage: int | None = None, **kwargs):
         key = (id(config), vp_stage)
         if layer_number == 1 or _STAGES.get(key, (None,))[0] is not config:
@@ -247,19 +246,21 @@ class SchemeLayer(HybridTransformerLayer):
                             layer_number=layer_number, vp_stage=vp_stage, **kwargs)
 
 
-def _layer_spec_entry_point(scheme: str, build):
+def _layer_spec_entry_point(scheme: Scheme, build):
     """A ``ModuleSpec`` of ``SchemeLayer`` that can also be called like ``build``."""
     class EntryPointSpec(ModuleSpec):
         def __call__(self, config, vp_stage: int | None = None):
             return build(config, vp_stage=vp_stage)
 
-    EntryPointSpec.__name__ = EntryPointSpec.__qualname__ = f"EntryPointSpec[{scheme}]"
+    EntryPointSpec.__name__ = EntryPointSpec.__qualname__ = f"EntryPointSpec[{scheme.name}]"
     spec = EntryPointSpec(module=SchemeLayer, params={"scheme": scheme})
     spec.__name__, spec.__doc__ = build.__name__, build.__doc__
     return spec
 
 
-def _make(scheme: str):
+def _make(name: str):
+    scheme = get_scheme(name)  # resolved once: what it calls below takes the Scheme
+
     def build(config, vp_stage: int | None = None):
         spec, options, notes, use_te = _stage_spec(scheme, config, vp_stage)
         start_up_line(scheme, options, use_te,
@@ -267,8 +268,8 @@ def _make(scheme: str):
                        f"{'' if vp_stage is None else f' (vp_stage {vp_stage})'}", notes)
         return spec
 
-    build.__name__ = build.__qualname__ = scheme
-    build.__doc__ = f"Megatron-LM --spec entry point for {scheme}: {get_scheme(scheme).summary}"
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = f"Megatron-LM --spec entry point for {name}: {scheme.summary}"
     return build if SPEC_CALLABLES_ARE_CALLED else _layer_spec_entry_point(scheme, build)
 
 

@@ -27,7 +27,7 @@ from megatron_hybridnorm.transformer.layer import HybridTransformerLayer, Hybrid
 from megatron_hybridnorm.norms import FullWidthNorm, HeadNorm, Norm, PostNorm
 from megatron_hybridnorm.norms.names import norm_checkpoint_prefix, norm_module_prefix
 from megatron_hybridnorm.norms.te import InterchangeableTENorm, TEPostNorm, te_norm_linear_keeping_norm
-from megatron_hybridnorm.schemes import OPTION_DEFAULTS, LayerNorms, Scheme, get_scheme
+from megatron_hybridnorm.schemes import OPTION_DEFAULTS, LayerNorms, Scheme, resolve_scheme
 from megatron_hybridnorm.transformer.validate import SchemeConfigError, check_config, check_options
 
 
@@ -92,7 +92,7 @@ def get_layer_spec(
     if isinstance(scheme, LayerNorms):
         lay, defaults = scheme, OPTION_DEFAULTS
     else:
-        s = scheme if isinstance(scheme, Scheme) else get_scheme(scheme)
+        s = resolve_scheme(scheme)
         lay = s.head if first_block and s.head is not None else s.body
         defaults = {**OPTION_DEFAULTS, **s.option_defaults()}
     qkv_norm = qkv_norm or defaults["qkv_norm"]
@@ -202,7 +202,7 @@ def stage_layer_ids(
 
 def get_decoder_block_spec(
     config: TransformerConfig,
-    scheme: str,
+    scheme: str | Scheme,
     *,
     use_transformer_engine: bool = False,
     vp_stage: int | None = None,
@@ -220,7 +220,7 @@ def get_decoder_block_spec(
     ``te_ffn_norm`` ("te", "fused_add" or "in_linear", see ``get_layer_spec``) on Transformer
     Engine for schemes whose pre-MLP norm output is the residual.
     """
-    s = get_scheme(scheme)
+    s = resolve_scheme(scheme)
     opts = check_options(s, options)
     layouts = s.layouts(config.num_layers, opts.get("mixln_fraction"))
     check_config(config, s, layouts, opts, use_transformer_engine)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_hybridnorm.models.gpt.entrypoints import from_megatron_lm, start_up_line
-from megatron_hybridnorm.schemes import SCHEMES
+from megatron_hybridnorm.schemes import SCHEMES, Scheme, get_scheme
 from megatron_hybridnorm.models.hybrid.layer_specs import megatron_layer_specs
 from megatron_hybridnorm.models.hybrid.stack import HybridNormStack, HybridNormStackSubmodules
 
@@ -23,7 +23,7 @@ from megatron_hybridnorm.models.hybrid.stack import HybridNormStack, HybridNormS
 class MegatronLMHybridNormStack(HybridNormStack):
     """``HybridNormStack`` configured from Megatron-LM's arguments and the environment."""
 
-    def __init__(self, config, submodules, *, scheme: str, **kwargs):
+    def __init__(self, config, submodules, *, scheme: Scheme, **kwargs):
         use_te, options, notes = from_megatron_lm(scheme, config,
                                                   "megatron_hybridnorm.hybrid.entrypoints")
         super().__init__(config, submodules, scheme=scheme, use_transformer_engine=use_te,
@@ -34,8 +34,8 @@ class MegatronLMHybridNormStack(HybridNormStack):
                       f"stage ({ours} with the scheme's norms)", notes, model=" hybrid stack")
 
 
-def _make(scheme: str) -> ModuleSpec:
-    return ModuleSpec(module=MegatronLMHybridNormStack, params={"scheme": scheme},
+def _make(name: str) -> ModuleSpec:
+    return ModuleSpec(module=MegatronLMHybridNormStack, params={"scheme": get_scheme(name)},
                       submodules=HybridNormStackSubmodules(**megatron_layer_specs()))
 
 

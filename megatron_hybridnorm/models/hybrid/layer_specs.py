@@ -14,7 +14,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_hybridnorm.transformer.layer import HybridTransformerLayer
-from megatron_hybridnorm.schemes import LayerNorms, get_scheme
+from megatron_hybridnorm.schemes import LayerNorms, Scheme
 from megatron_hybridnorm.models.gpt.specs import get_layer_spec
 from megatron_hybridnorm.transformer.validate import SchemeConfigError, check_config, check_options
 from megatron_hybridnorm.models.hybrid.layouts import (
@@ -57,14 +57,14 @@ def pattern_layer_spec(layer: PatternLayer, *, num_experts: int | None = None,
                       submodules=sub)
 
 
-def pattern_layer_specs(config: TransformerConfig, scheme: str, pattern: str, *,
+def pattern_layer_specs(config: TransformerConfig, scheme: Scheme, pattern: str, *,
                         use_transformer_engine: bool = False,
                         **options) -> dict[int, ModuleSpec]:
     """The spec of every attention/MLP/MoE layer of ``pattern`` by global layer index; checks
     the config, the options and the pattern against the scheme first."""
-    s = get_scheme(scheme)
+    s = scheme
     opts = check_options(s, options)
-    layers = pattern_layouts(scheme, pattern, opts.get("mixln_fraction"))
+    layers = pattern_layouts(s, pattern, opts.get("mixln_fraction"))
     ours = [lay.norms for lay in layers if lay.norms is not None]
     check_config(config, s, ours, opts, use_transformer_engine)
     if any(lay.symbol == MOE for lay in layers) and not config.num_moe_experts:

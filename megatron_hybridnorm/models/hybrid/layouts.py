@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from megatron_hybridnorm.schemes import LayerNorms, get_scheme
+from megatron_hybridnorm.schemes import LayerNorms, Scheme, resolve_scheme
 from megatron_hybridnorm.transformer.validate import SchemeConfigError
 
 ATTENTION, MLP, MOE, PIPE, MTP = "*", "-", "E", "|", "/"
@@ -70,14 +70,14 @@ def main_layers(pattern: str) -> str:
     return layers
 
 
-def pattern_layouts(scheme: str, pattern: str,
+def pattern_layouts(scheme: str | Scheme, pattern: str,
                     mixln_fraction: float | None = None) -> list[PatternLayer]:
     """Every layer of ``pattern`` (the whole model's, with ``|`` where the pipeline splits it)."""
-    s = get_scheme(scheme)
+    s = resolve_scheme(scheme)
     layers = main_layers(pattern)
 
     def fail(msg: str):
-        raise SchemeConfigError(f"norm scheme {scheme!r}, hybrid layer pattern {pattern!r}: {msg}")
+        raise SchemeConfigError(f"norm scheme {s.name!r}, hybrid layer pattern {pattern!r}: {msg}")
 
     blocks, block = [], None
     for symbol in layers:

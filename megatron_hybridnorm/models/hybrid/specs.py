@@ -8,7 +8,7 @@ from __future__ import annotations
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_hybridnorm.schemes import get_scheme
+from megatron_hybridnorm.schemes import Scheme, resolve_scheme
 from megatron_hybridnorm.models.gpt.specs import backend
 from megatron_hybridnorm.transformer.validate import check_options
 from megatron_hybridnorm.models.hybrid.layer_specs import megatron_layer_specs, pattern_layer_specs
@@ -17,7 +17,7 @@ from megatron_hybridnorm.models.hybrid.stack import HybridNormStack, HybridNormS
 
 def get_hybrid_stack_spec(
     config: TransformerConfig,
-    scheme: str,
+    scheme: str | Scheme,
     hybrid_layer_pattern: str | None = None,
     *,
     use_transformer_engine: bool = False,
@@ -31,14 +31,15 @@ def get_hybrid_stack_spec(
     Megatron-LM's ``--hybrid-layer-pattern`` or, without a pipeline split, the layers it is
     given. Options as ``get_decoder_block_spec``.
     """
+    s = resolve_scheme(scheme)
     if hybrid_layer_pattern is not None:
-        pattern_layer_specs(config, scheme, hybrid_layer_pattern,
+        pattern_layer_specs(config, s, hybrid_layer_pattern,
                             use_transformer_engine=use_transformer_engine, **options)
     else:
-        check_options(get_scheme(scheme), options)
+        check_options(s, options)
     return ModuleSpec(
         module=HybridNormStack,
-        params={"scheme": scheme, "hybrid_layer_pattern": hybrid_layer_pattern,
+        params={"scheme": s, "hybrid_layer_pattern": hybrid_layer_pattern,
                 "use_transformer_engine": use_transformer_engine, "options": dict(options)},
         submodules=HybridNormStackSubmodules(
             **megatron_layer_specs(), final_norm=backend(use_transformer_engine).norm),

@@ -13,6 +13,7 @@ from megatron_hybridnorm.models.gpt.specs import backend
 from megatron_hybridnorm.transformer.validate import SchemeConfigError
 from megatron_hybridnorm.models.hybrid.layouts import check_segment
 from megatron_hybridnorm.models.hybrid.layer_specs import pattern_layer_specs
+from megatron_hybridnorm.schemes import Scheme, resolve_scheme
 
 
 @dataclass
@@ -52,7 +53,7 @@ def whole_pattern(pattern, layer_type_list, pp_layer_offset, pg_collection) -> s
 class HybridNormStack(HybridStack):
     """``HybridStack`` for a norm scheme (see ``layouts.py`` for where each norm sits)."""
 
-    def __init__(self, config, submodules: HybridNormStackSubmodules, *, scheme: str,
+    def __init__(self, config, submodules: HybridNormStackSubmodules, *, scheme: str | Scheme,
                  hybrid_layer_pattern: str | None = None, use_transformer_engine: bool = False,
                  options: dict | None = None, layer_type_list=None, pp_layer_offset: int = 0,
                  post_process: bool = True, post_layer_norm: bool = True, pg_collection=None,
@@ -63,6 +64,7 @@ class HybridNormStack(HybridStack):
         pattern = whole_pattern(hybrid_layer_pattern, layer_type_list, pp_layer_offset,
                                 pg_collection)
         check_segment(pattern, layer_type_list, pp_layer_offset)
+        scheme = resolve_scheme(scheme)
         specs = pattern_layer_specs(config, scheme, pattern,
                                     use_transformer_engine=use_transformer_engine,
                                     **(options or {}))
@@ -72,7 +74,7 @@ class HybridNormStack(HybridStack):
         super().__init__(config, picked, layer_type_list=layer_type_list,
                          pp_layer_offset=pp_layer_offset, post_process=post_process,
                          post_layer_norm=False, pg_collection=pg_collection, **kwargs)
-        self.scheme, self.hybrid_layer_pattern = scheme, pattern
+        self.scheme, self.hybrid_layer_pattern = scheme.name, pattern
         self.post_layer_norm = post_layer_norm
         if post_process and post_layer_norm:
             norm = submodules.final_norm or backend(use_transformer_engine).norm
