@@ -145,6 +145,16 @@ def test_position_free_schemes_take_any_pattern():
                                          half(mh.schemes.HYBRID, "*"), half(mh.schemes.HYBRID, "-")]
 
 
+@pytest.mark.parametrize("scheme", mh.SCHEMES)
+def test_the_stack_spec_takes_a_name_or_the_scheme(scheme):
+    """Resolved once at the top: a Scheme builds the stack spec its name builds."""
+    pattern = "*-*-*-*-"
+    by_name = get_hybrid_stack_spec(tiny_config(), scheme, pattern)
+    assert repr(get_hybrid_stack_spec(tiny_config(), mh.get_scheme(scheme), pattern)) == \
+        repr(by_name)
+    assert pattern_layouts(mh.get_scheme(scheme), pattern) == pattern_layouts(scheme, pattern)
+
+
 def test_mamba_pattern_structure():
     """``M-M*-M-M*-``: our attention and MLP layers between megatron-core's Mamba layers (which
     need mamba-ssm and CUDA to build; see the GPU test below)."""

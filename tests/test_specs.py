@@ -86,6 +86,15 @@ def test_get_layer_spec_builds_the_schemes_own_option_defaults():
 
 
 @pytest.mark.parametrize("scheme", mh.SCHEMES)
+def test_the_spec_builders_take_a_name_or_the_scheme(scheme):
+    """Resolved once at the top: a Scheme builds the spec its name builds."""
+    s = mh.get_scheme(scheme)
+    assert repr(mh.get_layer_spec(s)) == repr(mh.get_layer_spec(scheme))
+    assert repr(mh.get_decoder_block_spec(tiny_config(), s)) == \
+        repr(mh.get_decoder_block_spec(tiny_config(), scheme))
+
+
+@pytest.mark.parametrize("scheme", mh.SCHEMES)
 def test_the_block_spec_changes_the_config_only_as_its_docstring_says(scheme):
     """get_decoder_block_spec sets config.hetereogenous_dist_checkpoint where the scheme's
     layers differ (HybridNorm*, Mix-LN), and changes nothing else of the caller's config."""

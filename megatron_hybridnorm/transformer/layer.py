@@ -54,7 +54,51 @@ class HybridTransformerLayerSubmodules(TransformerLayerSubmodules):
     post_mlp_layernorm: LayerNormBuilder = IdentityOp  # N(y + FFN(.)), after the add
 
 
-class HybridTransformerLayer(TransformerLayer):
+class _LayerHooks:
+    """megatron-core 0.20 and later: the layer's step hooks, each taken over where this layer
+    fuses or changes the add and left to Megatron elsewhere."""
+
+    def _apply_self_attn_bda_step(self, attention_output_with_bias, residual, attn_state=()):
+        if not self._hands_over_attn_add:
+            return super()._apply_self_attn_bda_step(attention_output_with_bias, residual,
+                                                     attn_state)
+        self.attn_norm_manager = None  # no offloading here (_fuses_add)
+        out_with_bias, residual = self._into_add(attention_output_with_bias, residual,
+                                                 self.self_attn_output_layernorm)
+        return self._hand_over(out_with_bias, residual, self.hidden_dropout)
+
+    def _pre_mlp_layernorm_and_residual(self, hidden_states):
+        if self._pending_add is None:
+            return super()._pre_mlp_layernorm_and_residual(hidden_states)
+        n, residual = self._add_and_norm(hidden_states)
+        if self.config.fp32_residual_connection:
+            residual = residual.float()
+        return n, residual, ()
+
+    def _apply_mlp_bda_step(self, mlp_output_with_bias, residual, mlp_state=()):
+        base = super()._apply_mlp_bda_step
+        return self._post_mlp(mlp_output_with_bias, residual,
+                              lambda out, res: base(out, res, mlp_state))
+
+
+class _ForwardSteps:
+    """megatron-core 0.16 to 0.19: the forward's pre-MLP and post-MLP steps (the attention's
+    add is handed over through ``self_attn_bda``, set in ``_route_the_residual_adds``)."""
+
+    def _forward_pre_mlp_layernorm(self, hidden_states):
+        if self._pending_add is None:
+            return super()._forward_pre_mlp_layernorm(hidden_states)
+        return self._add_and_norm(hidden_states)
+
+    def _forward_post_mlp(self, mlp_output_with_bias, residual):
+        return self._post_mlp(mlp_output_with_bias, residual, super()._forward_post_mlp)
+
+
+# megatron-core's forward design decides which of its methods the layer overrides
+_MEGATRON_STEPS = _LayerHooks if compat.LAYER_HOOKS else _ForwardSteps
+
+
+class HybridTransformerLayer(_MEGATRON_STEPS, TransformerLayer):
     """``TransformerLayer`` with an optional ``post_mlp_layernorm``: out = N(y + FFN(y)).
 
     ``norms`` (the ``LayerNorms`` layout the spec was built from) is saved in checkpoints as the
@@ -80,46 +124,79 @@ class HybridTransformerLayer(TransformerLayer):
     ):
         super().__init__(config, submodules, *args, **kwargs)
         self.norms = norms
+        self._build_own_norms(submodules)
+        self._pending_add = None  # the attention's add, waiting for the pre-MLP norm
+        self._norm_residual = {}  # megatron-core 0.16: norm outputs that are the residual
+        # block: what LayerNorm Scaling's depth and DeepNorm's L count (a GPT layer is a block;
+        # a hybrid pattern's attention layer and the MLP after it are one)
+        self._set_up_deepnorm(self.config.num_layers if num_blocks is None else num_blocks)
+        self._set_up_depth_scale(self.layer_number - 1 if block is None else block)
+        self._give_the_norms_this_models_tp_group()
+        self._report_the_layer_not_each_norm()
+        self._route_the_residual_adds()
+
+    _OWN_NORMS = ("self_attn_output_layernorm", "mlp_output_layernorm", "post_mlp_layernorm")
+
+    # -- set-up ----------------------------------------------------------------------------------
+    def _build_own_norms(self, submodules):
+        """The norms megatron-core's layer has no slot for, built as it builds its own."""
         for name in self._OWN_NORMS:
             setattr(self, name, getattr(submodules, name)(
                 config=self.config,
                 hidden_size=self.config.hidden_size,
                 eps=self.config.layernorm_epsilon,
             ))
-        self._pending_add = None
-        self._norm_residual = {}
-        # block: what LayerNorm Scaling's depth and DeepNorm's L count (a GPT layer is a block;
-        # a hybrid pattern's attention layer and the MLP after it are one)
-        block = self.layer_number - 1 if block is None else block
-        num_blocks = self.config.num_layers if num_blocks is None else num_blocks
+
+    def _set_up_deepnorm(self, num_blocks: int):
+        """DeepNorm's residual scale alpha and its initialization (beta)."""
         self.residual_scale = None
-        if norms is not None and norms.deepnorm:
-            self.residual_scale = deepnorm_alpha(num_blocks)
-            self.deepnorm_blocks = num_blocks  # what harness.layout_init's redraw scales by
-            # saved with the layer, so that a checkpoint says it (inspect, the HF export)
-            self.register_buffer(RESIDUAL_SCALE, torch.tensor(self.residual_scale))
-            if self.config.perform_initialization:
-                deepnorm_init(self, num_blocks)
-        if norms is not None and norms.depth_scaled:
-            scale = 1.0 / math.sqrt(block + 1)
-            self.register_buffer(DEPTH_SCALE, torch.tensor(scale))
-            for name in ("input_layernorm", "pre_mlp_layernorm"):
-                if isinstance(getattr(self, name), IdentityOp):
-                    continue
-                if not hasattr(getattr(self, name), "output_scale"):
-                    raise TypeError(f"{name} is {type(getattr(self, name)).__name__}, which "
-                                    "cannot scale its output (LayerNorm Scaling needs this "
-                                    "package's norm there)")
-                getattr(self, name).output_scale = scale
+        if self.norms is None or not self.norms.deepnorm:
+            return
+        self.residual_scale = deepnorm_alpha(num_blocks)
+        self.deepnorm_blocks = num_blocks  # what harness.layout_init's redraw scales by
+        # saved with the layer, so that a checkpoint says it (inspect, the HF export)
+        self.register_buffer(RESIDUAL_SCALE, torch.tensor(self.residual_scale))
+        if self.config.perform_initialization:
+            deepnorm_init(self, num_blocks)
+
+    def _set_up_depth_scale(self, block: int):
+        """LayerNorm Scaling: the input and pre-MLP norms scale their output by 1/sqrt(l), l the
+        block's depth counted from 1."""
+        if self.norms is None or not self.norms.depth_scaled:
+            return
+        scale = 1.0 / math.sqrt(block + 1)
+        self.register_buffer(DEPTH_SCALE, torch.tensor(scale))
+        for name in ("input_layernorm", "pre_mlp_layernorm"):
+            norm = getattr(self, name)
+            if isinstance(norm, IdentityOp):
+                continue
+            if not hasattr(norm, "output_scale"):
+                raise TypeError(f"{name} is {type(norm).__name__}, which cannot scale its "
+                                "output (LayerNorm Scaling needs this package's norm there)")
+            norm.output_scale = scale
+
+    def _give_the_norms_this_models_tp_group(self):
+        """A norm's checkpoint replica ids follow this model's TP group, not the global one."""
         tp_group = getattr(getattr(self, "pg_collection", None), "tp", None)
+        if tp_group is None:
+            return
         for name in ("input_layernorm", "pre_mlp_layernorm") + self._OWN_NORMS:
             norm = getattr(self, name)
-            if tp_group is not None and not isinstance(norm, IdentityOp):
-                norm.tp_group = tp_group  # this model's TP group (checkpoint replica ids)
+            if not isinstance(norm, IdentityOp):
+                norm.tp_group = tp_group
+
+    def _report_the_layer_not_each_norm(self):
+        """One line per layer after its first forward says which kernels ran."""
         for m in self.modules():
             if isinstance(m, Norm):
                 m.reports_itself = False
         report_after_first_forward(self, self._report_label)
+
+    def _route_the_residual_adds(self):
+        """Which of Megatron's residual adds this layer takes over (see the module docstring):
+        the attention's, handed to a pre-MLP norm that fuses it; the attention's, after its
+        output norm or DeepNorm's scale; and on megatron-core 0.16, which takes no
+        ``(out, residual)`` from a norm, a hook that keeps the residual."""
         pre_mlp = self.pre_mlp_layernorm
         self._hands_over_attn_add = (
             self._fuses_add(pre_mlp) and getattr(pre_mlp, "returns_residual", False)
@@ -136,8 +213,6 @@ class HybridTransformerLayer(TransformerLayer):
                     getattr(self, name).register_forward_hook(self._keep_norm_residual(name))
             if getattr(self.input_layernorm, "returns_residual", False):
                 self.self_attn_bda = self._attn_bda_with_norm_residual(self.self_attn_bda)
-
-    _OWN_NORMS = ("self_attn_output_layernorm", "mlp_output_layernorm", "post_mlp_layernorm")
 
     # -- what a sublayer hands its residual add: N(out + bias), alpha * residual ----------------
     def _into_add(self, out_with_bias, residual, output_norm):
@@ -250,40 +325,6 @@ class HybridTransformerLayer(TransformerLayer):
         else:
             output = apply_module(norm)(megatron_post_mlp(mlp_output_with_bias, residual))
         return make_viewless_tensor(inp=output, requires_grad=output.requires_grad, keep_graph=True)
-
-    if compat.LAYER_HOOKS:  # megatron-core 0.20 and later
-
-        def _apply_self_attn_bda_step(self, attention_output_with_bias, residual, attn_state=()):
-            if not self._hands_over_attn_add:
-                return super()._apply_self_attn_bda_step(attention_output_with_bias, residual,
-                                                         attn_state)
-            self.attn_norm_manager = None  # no offloading here (_fuses_add)
-            out_with_bias, residual = self._into_add(attention_output_with_bias, residual,
-                                                     self.self_attn_output_layernorm)
-            return self._hand_over(out_with_bias, residual, self.hidden_dropout)
-
-        def _pre_mlp_layernorm_and_residual(self, hidden_states):
-            if self._pending_add is None:
-                return super()._pre_mlp_layernorm_and_residual(hidden_states)
-            n, residual = self._add_and_norm(hidden_states)
-            if self.config.fp32_residual_connection:
-                residual = residual.float()
-            return n, residual, ()
-
-        def _apply_mlp_bda_step(self, mlp_output_with_bias, residual, mlp_state=()):
-            base = super()._apply_mlp_bda_step
-            return self._post_mlp(mlp_output_with_bias, residual,
-                                  lambda out, res: base(out, res, mlp_state))
-
-    else:  # megatron-core 0.16 to 0.19
-
-        def _forward_pre_mlp_layernorm(self, hidden_states):
-            if self._pending_add is None:
-                return super()._forward_pre_mlp_layernorm(hidden_states)
-            return self._add_and_norm(hidden_states)
-
-        def _forward_post_mlp(self, mlp_output_with_bias, residual):
-            return self._post_mlp(mlp_output_with_bias, residual, super()._forward_post_mlp)
 
     def get_extra_state(self):
         return {"norms": asdict(self.norms) if self.norms is not None else None}
