@@ -7,8 +7,8 @@ on the same machine:
     .venv/bin/python scripts/study_reruns.py --compare before.json after.json
 
 Each study runs with its saved flags except --steps (default 12), --seeds 1, --eval-interval
-(half the steps), --grad-flow-steps 1 and --warmup (at most a quarter of the steps); its preset is dropped, since the saved flags already
-hold what it set.
+(half the steps), --grad-flow-steps 1 and --warmup (at most a quarter of the steps); its
+preset is dropped, since the saved flags already hold what it set.
 """
 
 from __future__ import annotations

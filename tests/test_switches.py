@@ -103,4 +103,5 @@ def test_fsdp_with_tensor_parallel_head_norms_is_said_to_be_untested():
     assert note.startswith("--use-megatron-fsdp with tensor parallelism is untested")
     assert entrypoints.untested_notes(get_scheme("prenorm"), tp2, args) == []  # no per-head norms
     assert entrypoints.untested_notes(get_scheme("hybridnorm"), tiny_config(), args) == []  # TP = 1
-    assert entrypoints.untested_notes(get_scheme("hybridnorm"), tp2, None) == []  # not in Megatron-LM
+    # not in Megatron-LM
+    assert entrypoints.untested_notes(get_scheme("hybridnorm"), tp2, None) == []
