@@ -60,8 +60,8 @@ def test_entry_point_options_from_the_environment(megatron_single_rank, monkeypa
 
 def test_te_ffn_norm_from_the_environment():
     env = {"HYBRIDNORM_TE_FFN_NORM": "fused_add"}
-    assert entrypoints.options_from_env(get_scheme("hybridnorm_star"), env) == ({"te_ffn_norm": "fused_add"},
-                                                                    [])
+    assert entrypoints.options_from_env(get_scheme("hybridnorm_star"), env) == (
+        {"te_ffn_norm": "fused_add"}, [])
     assert entrypoints.options_from_env(get_scheme("prenorm"), env) == (
         {}, ["HYBRIDNORM_TE_FFN_NORM does not apply to prenorm and is not used"])
     with pytest.raises(mh.SchemeConfigError, match="use_transformer_engine=True"):

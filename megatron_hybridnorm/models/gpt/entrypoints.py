@@ -132,8 +132,8 @@ def check_load_matches(scheme: Scheme, options: dict, path: str | None,
                          normalization)
     if why:
         raise SchemeMismatchError(
-            f"--load {path} {why}, which --spec {module} {scheme.name} builds: pass the checkpoint's "
-            "scheme (and --normalization), or another --load")
+            f"--load {path} {why}, which --spec {module} {scheme.name} builds: pass the "
+            "checkpoint's scheme (and --normalization), or another --load")
     return []
 
 
@@ -162,9 +162,9 @@ def check_megatron_lm_config(scheme: Scheme, config) -> None:
     """What Megatron-LM would get wrong silently around a --spec, refused before it builds."""
     if getattr(config, "mtp_num_layers", None):
         raise SchemeConfigError(
-            f"norm scheme {scheme.name!r}: Megatron-LM (0.16 to 0.20) builds multi-token-prediction "
-            "layers from its default Pre-Norm spec, not from --spec, so they would not be this "
-            "scheme's; "
+            f"norm scheme {scheme.name!r}: Megatron-LM (0.16 to 0.20) builds "
+            "multi-token-prediction layers from its default Pre-Norm spec, not from --spec, so "
+            "they would not be this scheme's; "
             "unset --mtp-num-layers (in your own code, pass GPTModel an mtp_block_spec built "
             "from megatron_hybridnorm.get_layer_spec)")
     if config.normalization == "DyT" and not SPEC_CALLABLES_ARE_CALLED:

@@ -62,11 +62,10 @@ def pattern_layer_specs(config: TransformerConfig, scheme: Scheme, pattern: str,
                         **options) -> dict[int, ModuleSpec]:
     """The spec of every attention/MLP/MoE layer of ``pattern`` by global layer index; checks
     the config, the options and the pattern against the scheme first."""
-    s = scheme
-    opts = check_options(s, options)
-    layers = pattern_layouts(s, pattern, opts.get("mixln_fraction"))
+    opts = check_options(scheme, options)
+    layers = pattern_layouts(scheme, pattern, opts.get("mixln_fraction"))
     ours = [lay.norms for lay in layers if lay.norms is not None]
-    check_config(config, s, ours, opts, use_transformer_engine)
+    check_config(config, scheme, ours, opts, use_transformer_engine)
     if any(lay.symbol == MOE for lay in layers) and not config.num_moe_experts:
         raise SchemeConfigError(f"hybrid layer pattern {pattern!r} has MoE layers ('E'); set "
                                 "num_moe_experts (--num-experts)")
