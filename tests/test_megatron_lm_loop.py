@@ -110,7 +110,7 @@ def test_pretrain_gpt_trains_every_scheme(launch, scheme):
 def test_the_runner_says_first_what_it_emulates(launch):
     run = one_rank(launch, "hybridnorm_star")
     first = run.log.splitlines()[0]
-    # the runner names the tree by its resolved path (a symlinked ../shared prints its target)
+    # the runner names the tree by its resolved path (a symlinked tree prints its target)
     assert first.startswith("hybridnorm-rehearse: Megatron-LM's pretrain_gpt.py from "
                             f"{TREE.resolve()}")
     assert "no proxy for GPU speed or numerics" in first
